@@ -1,0 +1,1 @@
+"""Data: image/label I/O with limits, datasets, preprocessing and augmentation pipelines."""

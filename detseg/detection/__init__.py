@@ -1,0 +1,1 @@
+"""Detection models; importing this package registers them."""

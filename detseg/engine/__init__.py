@@ -1,0 +1,1 @@
+"""Training loop, distributed helpers, export and batch prediction."""

@@ -1,0 +1,1 @@
+"""Instance models; importing this package registers them."""

@@ -1,0 +1,1 @@
+"""Matting models; importing this package registers them."""

@@ -1,0 +1,1 @@
+"""Operations torchvision lacks."""

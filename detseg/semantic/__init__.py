@@ -1,0 +1,1 @@
+"""Semantic segmentation models, metrics and inference; importing this package registers them."""
