@@ -1,0 +1,485 @@
+"""BackgroundMattingV2 (Lin et al., CVPR 2021): matting from a photo and a clean background plate.
+
+``MattingBase`` is an encoder (ResNet-50/101 or MobileNetV2 on the 6-channel src+bgr input), an ASPP
+and a decoder predicting alpha, a foreground residual, an error map and 32 hidden channels.
+``MattingRefine`` runs that base on a downsampled pair and recomputes, at full resolution, only the
+4x4 cells where the predicted error is high. Module and parameter names are those of the official
+checkpoints (``backbone.conv1`` / ``backbone.features.N``, ``aspp.convs.N``, ``decoder.convN``,
+``refiner.convN``) so their ``.pth`` state dicts load strictly. Behaviour follows
+``shared/specs/bgmv2.md``; every resize is bilinear with ``align_corners=False`` as in the official
+model, except the refiner's 2x upsamples, which are nearest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import MobileNetV2
+from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from detseg.errors import CheckpointError
+from detseg.registry import OfficialFormat, register_model
+
+BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
+REFINE_MODES = ("full", "sampling", "thresholding")
+_RESNET_BLOCKS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
+_ASPP_RATES = (3, 6, 9)
+_DECODER_CHANNELS = (256, 128, 64, 48, 37)
+_SKIP_CHANNELS = {"resnet": (512, 256, 64, 6), "mobilenetv2": (32, 24, 16, 6)}
+
+
+def _resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class ResNetEncoder(ResNet):
+    """torchvision ResNet (v1.5) with a 6-channel stem and a dilated layer4 (output stride 16).
+
+    ``forward(x)`` with x (B, 6, H, W) returns ``(x4, x3, x2, x1, x0)``: 2048 ch at 1/16, 512 at
+    1/8, 256 at 1/4, 64 at 1/2 and the input itself (sizes are ceil-halvings).
+    """
+
+    def __init__(self, variant: str, in_channels: int = 6) -> None:
+        super().__init__(
+            Bottleneck, _RESNET_BLOCKS[variant], replace_stride_with_dilation=[False, False, True]
+        )
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        del self.avgpool
+        del self.fc
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        x0 = x
+        x1 = self.relu(self.bn1(self.conv1(x0)))
+        x2 = self.layer1(self.maxpool(x1))
+        x3 = self.layer2(x2)
+        x4 = self.layer4(self.layer3(x3))
+        return x4, x3, x2, x1, x0
+
+
+class MobileNetV2Encoder(MobileNetV2):
+    """torchvision MobileNetV2 ``features[0..17]`` with a 6-channel stem and output stride 16.
+
+    ``features[14]``'s depthwise conv gets stride 1; those of ``features[15..17]`` dilation 2.
+    ``forward(x)`` returns ``(x4, x3, x2, x1, x0)``: 320 ch at 1/16, 32 at 1/8, 24 at 1/4, 16 at
+    1/2 and the input.
+    """
+
+    def __init__(self, in_channels: int = 6) -> None:
+        super().__init__()
+        self.features[0][0] = nn.Conv2d(in_channels, 32, 3, stride=2, padding=1, bias=False)
+        del self.features[18]
+        del self.classifier
+        self.features[14].conv[1][0].stride = (1, 1)
+        for i in (15, 16, 17):
+            depthwise = self.features[i].conv[1][0]
+            depthwise.dilation = (2, 2)
+            depthwise.padding = (2, 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        f = self.features
+        x0 = x
+        x1 = f[1](f[0](x0))
+        x2 = f[3](f[2](x1))
+        x3 = f[6](f[5](f[4](x2)))
+        x4 = f[7:18](x3)
+        return x4, x3, x2, x1, x0
+
+
+class Decoder(nn.Module):
+    """Four upsample-concat-conv stages from the ASPP output back to the input resolution.
+
+    Each stage resizes to its skip's exact size and concatenates [upsampled, skip]; the last skip is
+    the raw 6-channel input and its conv (with bias) outputs the 37 raw channels.
+    """
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] = _DECODER_CHANNELS,
+        feature_channels: tuple[int, ...] = _SKIP_CHANNELS["resnet"],
+    ) -> None:
+        super().__init__()
+        c, f = channels, feature_channels
+        self.conv1 = nn.Conv2d(c[0] + f[0], c[1], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c[1])
+        self.conv2 = nn.Conv2d(c[1] + f[1], c[2], 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c[2])
+        self.conv3 = nn.Conv2d(c[2] + f[2], c[3], 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c[3])
+        self.conv4 = nn.Conv2d(c[3] + f[3], c[4], 3, padding=1, bias=True)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x4: Tensor, x3: Tensor, x2: Tensor, x1: Tensor, x0: Tensor) -> Tensor:
+        """x4 (B, 256, 1/16) and the encoder skips -> (B, 37, H, W) raw decoder output."""
+        x = x4
+        for conv, bn, skip in (
+            (self.conv1, self.bn1, x3),
+            (self.conv2, self.bn2, x2),
+            (self.conv3, self.bn3, x1),
+        ):
+            x = torch.cat([_resize(x, skip.shape[-2:]), skip], dim=1)
+            x = self.relu(bn(conv(x)))
+        x = torch.cat([_resize(x, x0.shape[-2:]), x0], dim=1)
+        return self.conv4(x)
+
+
+class MattingBase(nn.Module):
+    """Encoder + ASPP (rates 3, 6, 9) + decoder on ``concat(src, bgr)``, at the input resolution.
+
+    Args:
+        backbone: ``"resnet50"``, ``"resnet101"`` or ``"mobilenetv2"``.
+
+    ``forward(src, bgr)``, both (B, 3, H, W) RGB in [0, 1] (no normalisation, any H, W), returns
+    ``(pha (B,1,H,W) in [0,1], fgr (B,3,H,W) in [0,1], err (B,1,H,W) in [0,1], hid (B,32,H,W) >= 0)``.
+    """
+
+    def __init__(self, backbone: str) -> None:
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, not {backbone!r}")
+        self.backbone_name = backbone
+        if backbone == "mobilenetv2":
+            self.backbone: nn.Module = MobileNetV2Encoder(in_channels=6)
+            aspp_in, skips = 320, _SKIP_CHANNELS["mobilenetv2"]
+        else:
+            self.backbone = ResNetEncoder(backbone, in_channels=6)
+            aspp_in, skips = 2048, _SKIP_CHANNELS["resnet"]
+        self.aspp = ASPP(aspp_in, list(_ASPP_RATES))
+        self.decoder = Decoder(_DECODER_CHANNELS, skips)
+
+    def _decode(self, src: Tensor, bgr: Tensor) -> Tensor:
+        """(B, 3, h, w) pair -> (B, 37, h, w) raw channels [alpha, fgr residual (3), err, hidden (32)]."""
+        x4, x3, x2, x1, x0 = self.backbone(torch.cat([src, bgr], dim=1))
+        return self.decoder(self.aspp(x4), x3, x2, x1, x0)
+
+    def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        d = self._decode(src, bgr)
+        pha = d[:, 0:1].clamp(0.0, 1.0)
+        fgr = (d[:, 1:4] + src).clamp(0.0, 1.0)
+        err = d[:, 4:5].clamp(0.0, 1.0)
+        hid = d[:, 5:].relu()
+        return pha, fgr, err, hid
+
+    @classmethod
+    def from_official(cls, path: str | Path, **kwargs: Any) -> MattingBase:
+        """Load an official ``.pth`` state dict (MattingBase or MattingRefine; the refiner is ignored).
+
+        The backbone is read from the file; ``kwargs`` are further constructor arguments.
+        Raises ``CheckpointError`` when the file is not a BackgroundMattingV2 checkpoint.
+        """
+        state, _ = read_state_dict(path)
+        config = official_config(state, str(path))
+        state = {
+            k: v for k, v in _strip_module_prefix(state).items() if not k.startswith("refiner.")
+        }
+        model = cls(config["backbone"], **kwargs)
+        load_state_dict_strict(model, state, str(path), cls.__name__)
+        return model
+
+
+def _crop(x: Tensor, cells: Tensor, size: int, pad: int) -> Tensor:
+    """Windows of ``x`` around cells: (B, C, h, w) -> (P, C, size + 2*pad, size + 2*pad).
+
+    ``cells`` (P, 3) int64 rows (b, i, j): the window covers rows [i*size - pad, (i+1)*size + pad)
+    and the matching columns, zeros outside the image.
+    """
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad))
+    offsets = torch.arange(size + 2 * pad, device=x.device)
+    rows = (cells[:, 1:2] * size + offsets)[:, :, None]  # (P, win, 1)
+    cols = (cells[:, 2:3] * size + offsets)[:, None, :]  # (P, 1, win)
+    batch = cells[:, 0, None, None]
+    return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def _paste(x: Tensor, cells: Tensor, patches: Tensor) -> Tensor:
+    """Replace 4x4 blocks of ``x`` (B, C, H, W): block (b, i, j) of ``cells`` gets ``patches`` (P, C, 4, 4)."""
+    b, c, h, w = x.shape
+    blocks = x.reshape(b, c, h // 4, 4, w // 4, 4).permute(0, 2, 4, 1, 3, 5)  # (B, Hq, Wq, C, 4, 4)
+    blocks = blocks.index_put((cells[:, 0], cells[:, 1], cells[:, 2]), patches)
+    return blocks.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class Refiner(nn.Module):
+    """Recomputes alpha and the foreground residual at full resolution, everywhere or in 4x4 cells.
+
+    Args:
+        mode: ``"full"`` (every pixel), ``"sampling"`` (the ``sample_pixels // 16`` cells of largest
+            error per image) or ``"thresholding"`` (cells with error > ``threshold``).
+        sample_pixels: sampling mode budget in full-resolution pixels.
+        threshold: thresholding mode cut-off (strict ``>``).
+        kernel_size: 1 or 3 (convolutions are unpadded; crops carry the context instead).
+        prevent_oversampling: sampling mode: drop selected cells whose error is exactly 0.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        sample_pixels: int,
+        threshold: float,
+        kernel_size: int = 3,
+        prevent_oversampling: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in REFINE_MODES:
+            raise ValueError(f"refine_mode must be one of {REFINE_MODES}, not {mode!r}")
+        if kernel_size not in (1, 3):
+            raise ValueError(f"refine_kernel_size must be 1 or 3, not {kernel_size}")
+        self.mode = mode
+        self.sample_pixels = sample_pixels
+        self.threshold = threshold
+        self.kernel_size = kernel_size
+        self.prevent_oversampling = prevent_oversampling
+        k = kernel_size
+        self.conv1 = nn.Conv2d(32 + 4 + 6, 24, k, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.conv2 = nn.Conv2d(24, 16, k, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16 + 6, 12, k, bias=False)
+        self.bn3 = nn.BatchNorm2d(12)
+        self.conv4 = nn.Conv2d(12, 4, k, bias=True)
+        self.relu = nn.ReLU(inplace=True)
+
+    def _stage1(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+    def _stage2(self, x: Tensor) -> Tensor:
+        return self.conv4(self.relu(self.bn3(self.conv3(x))))
+
+    def select(self, err: Tensor) -> Tensor:
+        """err (B, 1, Hq, Wq) -> (B, 1, Hq, Wq) 0/1 mask of the cells to refine (err's dtype).
+
+        Sampling asks for at most Hq*Wq cells (the official code raises instead when
+        ``sample_pixels // 16`` exceeds the cell count; selecting every cell is what it would mean).
+        """
+        if self.mode == "thresholding":
+            return (err > self.threshold).to(err.dtype)
+        b, _, hq, wq = err.shape
+        flat = err.reshape(b, hq * wq)
+        k = min(self.sample_pixels // 16, hq * wq)
+        top = flat.topk(k, dim=1, sorted=False).indices
+        ref = torch.zeros_like(flat).scatter(1, top, 1.0).reshape_as(err)
+        if self.prevent_oversampling:
+            ref = ref * (err > 0).to(err.dtype)
+        return ref
+
+    def forward(
+        self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, err: Tensor, hid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Refine a coarse prediction.
+
+        Args:
+            src, bgr: (B, 3, H, W) full resolution, H and W multiples of 4.
+            pha, fgr, err, hid: coarse (B, 1|3|1|32, Hc, Wc) clamped alpha, *unclamped* foreground
+                residual, clamped error and ReLU'd hidden features.
+
+        Returns:
+            (pha (B, 1, H, W) unclamped, fgr residual (B, 3, H, W), ref (B, 1, H/4, W/4) 0/1).
+        """
+        h, w = src.shape[-2:]
+        half, quarter = (h // 2, w // 2), (h // 4, w // 4)
+        src_bgr = torch.cat([src, bgr], dim=1)
+        x = _resize(torch.cat([hid, pha, fgr], dim=1), half)
+        y = _resize(src_bgr, half)
+        if self.mode == "full":
+            out = self._refine_full(x, y, src_bgr)
+            ref = torch.ones((src.shape[0], 1, *quarter), dtype=src.dtype, device=src.device)
+        else:
+            ref = self.select(_resize(err, quarter))
+            cells = torch.nonzero(ref.squeeze(1))  # (P, 3) rows (b, i, j), row-major
+            out = _resize(torch.cat([pha, fgr], dim=1), (h, w))
+            if cells.shape[0] > 0 or not self.training:
+                # In eval an empty selection runs through as empty tensors (a static graph for
+                # export); training BatchNorm cannot take an empty batch.
+                out = _paste(out, cells, self._refine_cells(x, y, src_bgr, cells))
+        return out[:, 0:1], out[:, 1:4], ref
+
+    def _refine_full(self, x: Tensor, y: Tensor, src_bgr: Tensor) -> Tensor:
+        p = 3 if self.kernel_size == 3 else 0
+        x = self._stage1(F.pad(torch.cat([x, y], dim=1), (p, p, p, p)))
+        h, w = src_bgr.shape[-2:]
+        q = 2 if self.kernel_size == 3 else 0
+        x = F.interpolate(x, size=(h + 2 * q, w + 2 * q), mode="nearest")
+        return self._stage2(torch.cat([x, F.pad(src_bgr, (q, q, q, q))], dim=1))
+
+    def _refine_cells(self, x: Tensor, y: Tensor, src_bgr: Tensor, cells: Tensor) -> Tensor:
+        """(P, 4, 4, 4) refined [alpha, fgr residual] for each cell (b, i, j) of ``cells``."""
+        p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
+        x = self._stage1(torch.cat([_crop(x, cells, 2, p), _crop(y, cells, 2, p)], dim=1))
+        x = F.interpolate(x, size=(4 + 2 * q, 4 + 2 * q), mode="nearest")
+        return self._stage2(torch.cat([x, _crop(src_bgr, cells, 4, q)], dim=1))
+
+
+class MattingRefine(MattingBase):
+    """The base network at ``backbone_scale`` resolution, then the refiner at full resolution.
+
+    Args:
+        backbone: as ``MattingBase``.
+        backbone_scale: resize factor for the base network (<= 1/2); the coarse size is
+            (floor(H*s), floor(W*s)).
+        refine_mode, refine_sample_pixels, refine_threshold, refine_kernel_size,
+        refine_prevent_oversampling: see ``Refiner``.
+        refine_patch_crop_method, refine_patch_replace_method: accepted for signature
+            compatibility with the official constructor; every choice computes the same result here.
+
+    ``forward(src, bgr)``, (B, 3, H, W) in [0, 1] with H, W multiples of 4, returns
+    ``(pha (B,1,H,W), fgr (B,3,H,W), pha_sm (B,1,Hc,Wc), fgr_sm (B,3,Hc,Wc), err_sm (B,1,Hc,Wc),
+    ref_sm (B,1,H/4,W/4))``, all in [0, 1]; ``ref_sm`` is 1 where a 4x4 cell was refined.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        backbone_scale: float = 1 / 4,
+        refine_mode: str = "sampling",
+        refine_sample_pixels: int = 80_000,
+        refine_threshold: float = 0.1,
+        refine_kernel_size: int = 3,
+        refine_prevent_oversampling: bool = True,
+        refine_patch_crop_method: str = "unfold",
+        refine_patch_replace_method: str = "scatter_nd",
+    ) -> None:
+        if not backbone_scale <= 0.5:
+            raise ValueError(f"backbone_scale must be <= 1/2, not {backbone_scale}")
+        if refine_patch_crop_method not in ("unfold", "roi_align", "gather"):
+            raise ValueError(f"unknown refine_patch_crop_method {refine_patch_crop_method!r}")
+        if refine_patch_replace_method not in ("scatter_nd", "scatter_element"):
+            raise ValueError(f"unknown refine_patch_replace_method {refine_patch_replace_method!r}")
+        super().__init__(backbone)
+        self.backbone_scale = backbone_scale
+        self.refiner = Refiner(
+            refine_mode,
+            refine_sample_pixels,
+            refine_threshold,
+            refine_kernel_size,
+            refine_prevent_oversampling,
+        )
+
+    def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        if src.shape != bgr.shape:
+            raise ValueError(f"src {tuple(src.shape)} and bgr {tuple(bgr.shape)} differ in shape")
+        h, w = src.shape[-2:]
+        if h % 4 or w % 4:
+            raise ValueError(f"MattingRefine needs H and W divisible by 4, got {h}x{w}")
+        coarse = (math.floor(h * self.backbone_scale), math.floor(w * self.backbone_scale))
+        src_sm, bgr_sm = _resize(src, coarse), _resize(bgr, coarse)
+        d = self._decode(src_sm, bgr_sm)
+        pha_sm = d[:, 0:1].clamp(0.0, 1.0)
+        fgr_res_sm = d[:, 1:4]
+        err_sm = d[:, 4:5].clamp(0.0, 1.0)
+        hid_sm = d[:, 5:].relu()
+        pha, fgr_res, ref_sm = self.refiner(src, bgr, pha_sm, fgr_res_sm, err_sm, hid_sm)
+        pha = pha.clamp(0.0, 1.0)
+        fgr = (fgr_res + src).clamp(0.0, 1.0)
+        fgr_sm = (src_sm + fgr_res_sm).clamp(0.0, 1.0)
+        return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm
+
+    @classmethod
+    def from_official(cls, path: str | Path, **kwargs: Any) -> MattingRefine:  # type: ignore[override]
+        """Load an official MattingRefine ``.pth`` state dict; backbone and kernel size come from it.
+
+        ``kwargs`` set the other constructor arguments (e.g. ``refine_mode``). Raises
+        ``CheckpointError`` for files of other models, and for MattingBase-only checkpoints.
+        """
+        from detseg.checkpoint import load_state_dict_strict, read_state_dict
+
+        state, _ = read_state_dict(path)
+        config = official_config(state, str(path))
+        if "refine_kernel_size" not in config:
+            raise CheckpointError(
+                f"{path}: is a MattingBase checkpoint (no refiner.* weights); load it with "
+                "MattingBase.from_official, or train the refiner first."
+            )
+        model = cls(**{**config, **kwargs})
+        load_state_dict_strict(model, _strip_module_prefix(state), str(path), cls.__name__)
+        return model
+
+
+def _strip_module_prefix(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # DataParallel / DDP checkpoints prefix every key with "module.".
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def official_config(state: Mapping[str, Tensor], source: str) -> dict[str, Any]:
+    """Constructor arguments read from an official state dict: ``backbone`` and, when it has a
+    refiner, ``refine_kernel_size``. Raises ``CheckpointError`` for other models' files."""
+    state = _strip_module_prefix(state)
+    stem = state.get("backbone.conv1.weight", state.get("backbone.features.0.0.weight"))
+    if stem is None or "decoder.conv4.weight" not in state or stem.ndim != 4 or stem.shape[1] != 6:
+        raise CheckpointError(
+            f"{source}: is not a BackgroundMattingV2 checkpoint (no 6-channel backbone stem and "
+            "decoder.conv4); pass a MattingBase/MattingRefine .pth state dict."
+        )
+    if "backbone.features.0.0.weight" in state:
+        backbone = "mobilenetv2"
+    else:
+        backbone = "resnet101" if "backbone.layer3.22.conv1.weight" in state else "resnet50"
+    config: dict[str, Any] = {"backbone": backbone}
+    if "refiner.conv1.weight" in state:
+        config["refine_kernel_size"] = int(state["refiner.conv1.weight"].shape[-1])
+    return config
+
+
+def _official_format(backbone: str) -> OfficialFormat:
+    def convert(state: Mapping[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        config = official_config(state, "checkpoint")
+        if config["backbone"] != backbone:
+            raise CheckpointError(
+                f"the checkpoint is a BackgroundMattingV2 {config['backbone']}, not {backbone}; "
+                f"use --model bgmv2_{config['backbone']}."
+            )
+        if "refine_kernel_size" not in config:
+            raise CheckpointError(
+                "the checkpoint is a MattingBase (no refiner.* weights); the registered bgmv2 "
+                "models are MattingRefine: train the refiner stage first."
+            )
+        return {"refine_kernel_size": config["refine_kernel_size"]}, _strip_module_prefix(state)
+
+    return OfficialFormat(
+        description=f"BackgroundMattingV2 MattingRefine({backbone!r}) .pth state dict",
+        convert=convert,
+    )
+
+
+# Registered defaults are those of the official inference scripts (sampling, 80,000 px, 0.7).
+_DEFAULTS = {
+    "backbone_scale": 0.25,
+    "refine_mode": "sampling",
+    "refine_sample_pixels": 80_000,
+    "refine_threshold": 0.7,
+}
+
+
+@register_model(
+    "bgmv2_mobilenetv2",
+    task="matting",
+    defaults=_DEFAULTS,
+    official=_official_format("mobilenetv2"),
+)
+def bgmv2_mobilenetv2(**kwargs: Any) -> MattingRefine:
+    """BackgroundMattingV2 MattingRefine, MobileNetV2 encoder (photo + background plate -> alpha, foreground)."""
+    return MattingRefine("mobilenetv2", **kwargs)
+
+
+@register_model(
+    "bgmv2_resnet50", task="matting", defaults=_DEFAULTS, official=_official_format("resnet50")
+)
+def bgmv2_resnet50(**kwargs: Any) -> MattingRefine:
+    """BackgroundMattingV2 MattingRefine, ResNet-50 encoder (photo + background plate -> alpha, foreground)."""
+    return MattingRefine("resnet50", **kwargs)
+
+
+@register_model(
+    "bgmv2_resnet101", task="matting", defaults=_DEFAULTS, official=_official_format("resnet101")
+)
+def bgmv2_resnet101(**kwargs: Any) -> MattingRefine:
+    """BackgroundMattingV2 MattingRefine, ResNet-101 encoder (photo + background plate -> alpha, foreground)."""
+    return MattingRefine("resnet101", **kwargs)
