@@ -24,6 +24,7 @@ from torchvision.models import MobileNetV2
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
+from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.errors import CheckpointError
 from detseg.registry import OfficialFormat, register_model
 
@@ -387,8 +388,6 @@ class MattingRefine(MattingBase):
         ``kwargs`` set the other constructor arguments (e.g. ``refine_mode``). Raises
         ``CheckpointError`` for files of other models, and for MattingBase-only checkpoints.
         """
-        from detseg.checkpoint import load_state_dict_strict, read_state_dict
-
         state, _ = read_state_dict(path)
         config = official_config(state, str(path))
         if "refine_kernel_size" not in config:
