@@ -1,0 +1,120 @@
+"""Reading and writing videos with PyAV: RGB uint8 frames in, H.264 out, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from detseg.errors import DetsegError, InputFileError
+from detseg.fileio import atomic_output
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+
+
+def _av():
+    try:
+        import av
+    except ImportError as exc:
+        raise DetsegError(
+            "video input/output needs PyAV; install it with `pip install detseg[video]`."
+        ) from exc
+    return av
+
+
+def is_video(path: str | Path) -> bool:
+    """True when ``path`` has a video file suffix."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """A video's first video stream: frame rate (frames/s), size in pixels, frame count (0 = unknown)."""
+
+    fps: Fraction
+    width: int
+    height: int
+    frames: int
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such video file.")
+    av = _av()
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as exc:
+        raise InputFileError(f"{path}: not a readable video ({exc}).") from exc
+    if not container.streams.video:
+        container.close()
+        raise InputFileError(f"{path}: the file holds no video stream.")
+    return container
+
+
+def video_info(path: str | Path) -> VideoInfo:
+    """Frame rate, size and frame count of ``path``'s first video stream."""
+    with contextlib.closing(_open(Path(path))) as container:
+        stream = container.streams.video[0]
+        fps = stream.average_rate or stream.guessed_rate or Fraction(25)
+        return VideoInfo(Fraction(fps), stream.width, stream.height, int(stream.frames or 0))
+
+
+def read_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """Decode ``path``'s first video stream: yields (H, W, 3) uint8 RGB frames in order."""
+    path = Path(path)
+    av = _av()
+    with contextlib.closing(_open(path)) as container:
+        try:
+            for frame in container.decode(video=0):
+                yield frame.to_ndarray(format="rgb24")
+        except av.FFmpegError as exc:
+            raise InputFileError(f"{path}: the video data is corrupt ({exc}).") from exc
+
+
+class VideoWriter:
+    """Write (H, W, 3) uint8 RGB frames to an H.264 video (no audio) that appears only when complete.
+
+    Use as a context manager: ``with VideoWriter(path, fps) as w: w.write(frame)``. The size is
+    taken from the first frame; odd sizes use 4:4:4 chroma (4:2:0 needs even sizes).
+    """
+
+    def __init__(self, path: str | Path, fps: Fraction | float, crf: int = 18) -> None:
+        self.path = Path(path)
+        self.fps = Fraction(fps).limit_denominator(1001 * 1000)
+        self.crf = crf
+        self._stack = contextlib.ExitStack()
+        self._container = None
+        self._stream = None
+
+    def __enter__(self) -> VideoWriter:
+        tmp = self._stack.enter_context(atomic_output(self.path))
+        self._container = _av().open(str(tmp), mode="w")
+        return self
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one (H, W, 3) uint8 RGB frame; every frame must have the first frame's size."""
+        av = _av()
+        if self._stream is None:
+            h, w = frame.shape[:2]
+            self._stream = self._container.add_stream("libx264", rate=self.fps)
+            self._stream.width, self._stream.height = w, h
+            self._stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+            self._stream.options = {"crf": str(self.crf)}
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        self._container.mux(self._stream.encode(video_frame))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # the caller failed: drop the partial file
+            self._container.close()
+            self._stack.__exit__(exc_type, exc, tb)
+            return
+        with self._stack:
+            if self._stream is None:
+                self._container.close()
+                raise DetsegError(f"{self.path}: no frames were written; the video is not saved.")
+            self._container.mux(self._stream.encode(None))
+            self._container.close()

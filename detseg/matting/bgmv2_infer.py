@@ -1,0 +1,281 @@
+"""Running BackgroundMattingV2 on image pairs, folders and videos, writing com/pha/fgr/err/ref.
+
+Output layout (as the official inference scripts): ``OUT/<kind>/<stem>.png`` for images and
+``OUT/<kind>/<stem>.mp4`` for a video, ``kind`` in ``OUTPUTS``. ``com`` is an RGBA PNG
+(RGB = foreground where alpha > 0, A = alpha) unless a background colour or image is given, then an
+RGB composite ``fgr * pha + background * (1 - pha)``; videos have no alpha channel, so their ``com``
+defaults to the official green (120, 255, 155).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from detseg.data.images import list_images, read_image, write_image
+from detseg.data.video import VideoWriter, is_video, read_frames, video_info
+from detseg.errors import DetsegError
+from detseg.matting.bgmv2 import MattingRefine
+
+OUTPUTS = ("com", "pha", "fgr", "err", "ref")
+VIDEO_GREEN = (120, 255, 155)
+Background = tuple[int, int, int] | np.ndarray | None
+Progress = Callable[[int, int], None]  # (frames done, total or 0 when unknown)
+
+
+def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [0, 1]."""
+    return (
+        torch.from_numpy(np.require(image, requirements=["C", "W"]))
+        .to(device)
+        .permute(2, 0, 1)[None]
+        .float()
+        / 255
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def matte_pair(
+    model: nn.Module, src: np.ndarray, bgr: np.ndarray, device: torch.device | str | None = None
+) -> dict[str, np.ndarray]:
+    """Matte one photo against its background plate.
+
+    Args:
+        model: ``MattingRefine`` or ``MattingBase`` (put in eval mode here).
+        src, bgr: (H, W, 3) uint8 RGB of the same size.
+        device: where to run; default the model's device (the model is moved there).
+
+    Returns:
+        ``pha`` (H, W) float32 alpha, ``fgr`` (H, W, 3) float32 foreground, ``err`` (H, W) float32
+        error map (bilinear to full size), and for ``MattingRefine`` ``ref`` (H, W) float32 0/1
+        refined regions (nearest to full size); all in [0, 1]. Sizes not divisible by 4 are
+        replicate-padded for ``MattingRefine`` and cropped back.
+    """
+    if src.shape != bgr.shape:
+        raise DetsegError(
+            f"source {src.shape[1]}x{src.shape[0]} and background plate {bgr.shape[1]}x"
+            f"{bgr.shape[0]} differ in size; use a plate of the same size or --resize-bgr."
+        )
+    device = torch.device(device) if device is not None else _model_device(model)
+    model = model.to(device).eval()
+    h, w = src.shape[:2]
+    s, b = _to_tensor(src, device), _to_tensor(bgr, device)
+    refine = isinstance(model, MattingRefine)
+    if refine:
+        pad = (0, -w % 4, 0, -h % 4)
+        s, b = F.pad(s, pad, mode="replicate"), F.pad(b, pad, mode="replicate")
+    out = model(s, b)
+    pha, fgr, err = (out[0], out[1], out[4]) if refine else out[:3]
+    full = s.shape[-2:]
+    maps = {
+        "pha": pha,
+        "fgr": fgr,
+        "err": F.interpolate(err, size=full, mode="bilinear", align_corners=False),
+    }
+    if refine:
+        maps["ref"] = F.interpolate(out[5], size=full, mode="nearest")
+    return {k: _to_numpy(v[0, :, :h, :w]) for k, v in maps.items()}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """(C, H, W) -> (H, W) when C == 1 else (H, W, C), float32 on the CPU."""
+    arr = t.float().cpu().numpy()
+    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def composite(pha: np.ndarray, fgr: np.ndarray, background: Background = None) -> np.ndarray:
+    """The ``com`` output: (H, W, 4) uint8 RGBA when ``background`` is None, else (H, W, 3) uint8.
+
+    ``background``: an (R, G, B) 0..255 colour or an (H, W, 3) uint8 image.
+    """
+    a = pha[..., None]
+    if background is None:
+        return _to_uint8(np.concatenate([fgr * (a > 0), a], axis=2))
+    bg = np.asarray(background, dtype=np.float32) / 255.0
+    return _to_uint8(fgr * a + bg * (1.0 - a))
+
+
+def render(maps: dict[str, np.ndarray], kind: str, background: Background = None) -> np.ndarray:
+    """One output ``kind`` of ``matte_pair``'s maps as uint8: RGB(A) for com/fgr, (H, W) otherwise."""
+    if kind == "com":
+        return composite(maps["pha"], maps["fgr"], background)
+    if kind not in maps:
+        raise DetsegError(
+            f"output {kind!r} is not produced by this model; choose from {sorted(maps)}."
+        )
+    return _to_uint8(maps[kind])
+
+
+def parse_background(value: str | None) -> Background:
+    """A ``--background`` value: None, a colour ``"#78ff9b"`` / ``"120,255,155"``, or an image path."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.startswith("#") and len(text) == 7:
+        try:
+            return tuple(int(text[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+        except ValueError:
+            pass
+    parts = text.split(",")
+    if len(parts) == 3 and all(p.strip().isdigit() for p in parts):
+        rgb = tuple(int(p) for p in parts)
+        if all(0 <= c <= 255 for c in rgb):
+            return rgb  # type: ignore[return-value]
+    if Path(text).is_file():
+        return read_image(text)
+    raise DetsegError(
+        f"background {value!r}: not a colour (#rrggbb or r,g,b in 0..255) nor an image file."
+    )
+
+
+def _fit(image: np.ndarray, size: tuple[int, int], what: str, resize: bool) -> np.ndarray:
+    """``image`` (H, W, 3) at ``size`` (w, h): unchanged, resized (bilinear) or a DetsegError."""
+    h, w = image.shape[:2]
+    if (w, h) == size:
+        return image
+    if not resize:
+        raise DetsegError(
+            f"the {what} is {w}x{h} but the source is {size[0]}x{size[1]}; give one of the same "
+            "size or pass --resize-bgr to resize it."
+        )
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def _check_outputs(outputs: Sequence[str]) -> list[str]:
+    bad = [o for o in outputs if o not in OUTPUTS]
+    if bad or not outputs:
+        raise DetsegError(f"unknown output(s) {bad or outputs}; choose from {', '.join(OUTPUTS)}.")
+    return list(dict.fromkeys(outputs))
+
+
+def matte_files(
+    model: nn.Module,
+    source: str | Path,
+    bgr_path: str | Path,
+    out_dir: str | Path,
+    outputs: Sequence[str] = OUTPUTS,
+    background: Background = None,
+    resize_bgr: bool = False,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Matte an image, a folder / glob of images or a video against one background plate image.
+
+    Args:
+        model: ``MattingRefine`` or ``MattingBase``.
+        source: image file, folder, glob pattern, or video file (by suffix, see ``VIDEO_SUFFIXES``).
+        bgr_path: the clean background plate (an image).
+        out_dir: outputs go to ``out_dir/<kind>/<stem>.png|.mp4``.
+        outputs: any of ``OUTPUTS``.
+        background: ``com`` background (colour or image, resized to each source with
+            ``resize_bgr`` semantics); None = RGBA PNG for images, green for videos.
+        resize_bgr: resize a plate (and a background image) of another size to the source's size
+            instead of raising ``DetsegError``.
+        device: where to run (default: the model's device).
+        progress: called with (done, total) after every image or frame.
+
+    Returns:
+        The written files. A video keeps its frame rate; the written videos have no audio.
+    """
+    kinds = _check_outputs(outputs)
+    plate = read_image(bgr_path)
+    out_dir = Path(out_dir)
+    if is_video(source):
+        return _matte_video(
+            model, Path(source), plate, out_dir, kinds, background, resize_bgr, device, progress
+        )
+    files = list_images(source)
+    written: list[Path] = []
+    for n, path in enumerate(files, 1):
+        src = read_image(path)
+        size = (src.shape[1], src.shape[0])
+        maps = matte_pair(model, src, _fit(plate, size, "background plate", resize_bgr), device)
+        bg = _fit_background(background, size, resize_bgr)
+        for kind in kinds:
+            target = out_dir / kind / f"{path.stem}.png"
+            write_image(target, render(maps, kind, bg))
+            written.append(target)
+        if progress is not None:
+            progress(n, len(files))
+    return written
+
+
+def _fit_background(background: Background, size: tuple[int, int], resize: bool) -> Background:
+    if isinstance(background, np.ndarray):
+        return _fit(background, size, "background image", resize)
+    return background
+
+
+def _gray_to_rgb(frame: np.ndarray) -> np.ndarray:
+    return frame if frame.ndim == 3 else np.repeat(frame[..., None], 3, axis=2)
+
+
+def _matte_video(
+    model: nn.Module,
+    source: Path,
+    plate: np.ndarray,
+    out_dir: Path,
+    kinds: list[str],
+    background: Background,
+    resize_bgr: bool,
+    device: torch.device | str | None,
+    progress: Progress | None,
+) -> list[Path]:
+    info = video_info(source)
+    size = (info.width, info.height)
+    plate = _fit(plate, size, "background plate", resize_bgr)
+    bg = _fit_background(VIDEO_GREEN if background is None else background, size, resize_bgr)
+    targets = {kind: out_dir / kind / f"{source.stem}.mp4" for kind in kinds}
+    writers = {kind: VideoWriter(path, info.fps) for kind, path in targets.items()}
+    _run_writers(
+        writers,
+        _matted_frames(model, read_frames(source), plate, bg, kinds, device),
+        info.frames,
+        progress,
+    )
+    return list(targets.values())
+
+
+def _matted_frames(
+    model: nn.Module,
+    frames: Iterable[np.ndarray],
+    plate: np.ndarray,
+    background: Background,
+    kinds: list[str],
+    device: torch.device | str | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    for frame in frames:
+        maps = matte_pair(model, frame, plate, device)
+        yield {kind: _gray_to_rgb(render(maps, kind, background)) for kind in kinds}
+
+
+def _run_writers(
+    writers: dict[str, VideoWriter],
+    frames: Iterable[dict[str, np.ndarray]],
+    total: int,
+    progress: Progress | None,
+) -> None:
+    """Feed every rendered frame to its writer; all files appear only if every frame succeeded."""
+    with contextlib.ExitStack() as stack:
+        for writer in writers.values():
+            stack.enter_context(writer)
+        for n, rendered in enumerate(frames, 1):
+            for kind, frame in rendered.items():
+                writers[kind].write(frame)
+            if progress is not None:
+                progress(n, total)
