@@ -33,8 +33,9 @@ def _progress(*extra: TextColumn) -> Progress:
 
 
 @contextlib.contextmanager
-def step_progress(total: int, start: int = 0, enabled: bool = True
-                  ) -> Iterator[Callable[[int, float], None]]:
+def step_progress(
+    total: int, start: int = 0, enabled: bool = True
+) -> Iterator[Callable[[int, float], None]]:
     """Yield ``update(step, loss)`` driving a bar with the running loss and ETA."""
     if not enabled:
         yield lambda step, loss: None
@@ -45,8 +46,9 @@ def step_progress(total: int, start: int = 0, enabled: bool = True
 
 
 @contextlib.contextmanager
-def count_progress(total: int, description: str, enabled: bool = True
-                   ) -> Iterator[Callable[[int], None]]:
+def count_progress(
+    total: int, description: str, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)`` driving a bar over ``total`` items (images, frames, windows)."""
     if not enabled:
         yield lambda n=1: None

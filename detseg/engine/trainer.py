@@ -103,8 +103,16 @@ class _SeededItems(Dataset):
 class _StepBatches(Sampler[list[tuple[int, int]]]):
     """Batches for steps ``start..stop-1`` of an endless stream of per-epoch permutations."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start: int,
+        stop: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
 
@@ -117,10 +125,15 @@ class _StepBatches(Sampler[list[tuple[int, int]]]):
                 position = step * global_batch + self.rank * self.batch_size + slot
                 epoch, offset = divmod(position, self.n)
                 if epoch not in perm_cache:
-                    perm_cache = {epoch: torch.randperm(
-                        self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+                    perm_cache = {
+                        epoch: torch.randperm(
+                            self.n, generator=torch.Generator().manual_seed(self.seed + epoch)
+                        )
+                    }
                 index = int(perm_cache[epoch][offset])
-                batch.append((index, _item_seed(self.seed, step, self.rank * self.batch_size + slot)))
+                batch.append(
+                    (index, _item_seed(self.seed, step, self.rank * self.batch_size + slot))
+                )
             yield batch
 
     def __len__(self) -> int:
@@ -218,9 +231,12 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if config.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
         elif config.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                params, lr=config.lr, weight_decay=config.weight_decay
+            )
         else:
             raise DetsegError(f"unknown optimizer {config.optimizer!r}; use 'adamw' or 'sgd'.")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(config))
@@ -236,17 +252,22 @@ class Trainer:
         if not self.is_main:
             return
         net = getattr(self.model, "module", self.model)
-        meta = CheckpointMeta(**{**self.meta.__dict__,
-                                 "extra": {**self.meta.extra, "step": self.step}})
+        meta = CheckpointMeta(
+            **{**self.meta.__dict__, "extra": {**self.meta.extra, "step": self.step}}
+        )
         save_checkpoint(self.out_dir / f"{name}.safetensors", net, meta)
 
     def _save_state(self) -> None:
         if not self.is_main:
             return
         tensors, optim_meta = _flatten_optimizer(self.optimizer.state_dict())
-        meta = {"step": self.step, "optimizer": optim_meta,
-                "scheduler": self.scheduler.state_dict(), "history": asdict(self.history),
-                "config": asdict(self.cfg)}
+        meta = {
+            "step": self.step,
+            "optimizer": optim_meta,
+            "scheduler": self.scheduler.state_dict(),
+            "history": asdict(self.history),
+            "config": asdict(self.cfg),
+        }
         save_tensors(self.out_dir / "last.state.safetensors", tensors, meta)
         self._save("last")
 
@@ -257,8 +278,12 @@ class Trainer:
         from detseg.checkpoint import load_state_dict_strict, read_state_dict
 
         weights, _ = read_state_dict(self.out_dir / "last.safetensors")
-        load_state_dict_strict(getattr(self.model, "module", self.model), weights,
-                               str(self.out_dir / "last.safetensors"), self.meta.model)
+        load_state_dict_strict(
+            getattr(self.model, "module", self.model),
+            weights,
+            str(self.out_dir / "last.safetensors"),
+            self.meta.model,
+        )
         tensors, meta = load_tensors(state_path)
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
@@ -267,10 +292,21 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
-        sampler = _StepBatches(len(self.train_set), self.cfg.batch_size, self.cfg.seed,  # type: ignore[arg-type]
-                               self.step, self.cfg.max_steps, self.rank, self.world_size)
-        return DataLoader(_SeededItems(self.train_set), batch_sampler=sampler,
-                          collate_fn=self.collate_fn, num_workers=self.cfg.num_workers)
+        sampler = _StepBatches(
+            len(self.train_set),
+            self.cfg.batch_size,
+            self.cfg.seed,  # type: ignore[arg-type]
+            self.step,
+            self.cfg.max_steps,
+            self.rank,
+            self.world_size,
+        )
+        return DataLoader(
+            _SeededItems(self.train_set),
+            batch_sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.cfg.num_workers,
+        )
 
     def _log(self, record: dict[str, float]) -> None:
         for callback in self.on_log:
@@ -310,8 +346,12 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {"step": float(self.step), "loss": float(loss.detach()), "lr": float(lr),
-                **{k: float(v) for k, v in parts.items()}}
+        return {
+            "step": float(self.step),
+            "loss": float(loss.detach()),
+            "lr": float(lr),
+            **{k: float(v) for k, v in parts.items()},
+        }
 
     def fit(self, resume: bool = False, progress: bool = True) -> History:
         """Train to ``max_steps`` (continuing ``last`` when ``resume``); returns the history.
@@ -326,7 +366,9 @@ class Trainer:
 
         started = time.perf_counter()
         try:
-            with step_progress(self.cfg.max_steps, self.step, enabled=progress and self.is_main) as bar:
+            with step_progress(
+                self.cfg.max_steps, self.step, enabled=progress and self.is_main
+            ) as bar:
                 for batch in self._loader():
                     record = self._train_step(batch)
                     if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:

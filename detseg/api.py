@@ -1,0 +1,208 @@
+"""The Python API; the CLI calls one function here per command.
+
+```python
+import detseg
+m = detseg.load_model("espnet", weights="espnet_p_2_q_8_camvid.pth")   # official file, detected
+results = detseg.predict(m, "street.png", out_dir="out/")
+metrics = detseg.evaluate("semantic", model=m, data="camvid/", split="val")
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from detseg.checkpoint import CheckpointMeta, load_state_dict_strict, read_state_dict
+from detseg.data.preprocess import Preprocess
+from detseg.engine.device import resolve_device
+from detseg.errors import CheckpointError, DetsegError
+from detseg.registry import ModelEntry, get_entry, list_models
+
+
+@dataclass
+class LoadedModel:
+    """A built network in eval mode with everything needed to run it on images.
+
+    Attributes:
+        name: registry name; task: its task.
+        model: the ``nn.Module`` (on ``device``, eval mode).
+        kwargs: constructor keyword arguments (what our checkpoints record).
+        preprocess: input normalisation the weights expect.
+        class_names: names indexed by class id (may be empty).
+        weights: the file the weights came from, or None for random initialisation.
+        official: True when ``weights`` was an authors' release file.
+    """
+
+    name: str
+    task: str
+    model: nn.Module
+    kwargs: dict[str, Any]
+    preprocess: Preprocess
+    class_names: tuple[str, ...] = ()
+    weights: str | None = None
+    official: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def checkpoint_meta(self) -> CheckpointMeta:
+        return CheckpointMeta(
+            model=self.name,
+            kwargs=dict(self.kwargs),
+            preprocess=self.preprocess.to_dict(),
+            class_names=list(self.class_names),
+        )
+
+
+def _build(entry: ModelEntry, kwargs: Mapping[str, Any]) -> nn.Module:
+    try:
+        return entry.build(**kwargs)
+    except TypeError as exc:
+        raise DetsegError(f"model {entry.name!r}: bad constructor arguments ({exc}).") from exc
+
+
+def _convert_official(
+    entry: ModelEntry, state: dict[str, torch.Tensor], weights: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if entry.official is None:
+        raise CheckpointError(
+            f"{weights}: not a detseg checkpoint, and {entry.name!r} has no official weights "
+            "format; pass a checkpoint saved by `detseg train`."
+        )
+    try:
+        return entry.official.convert(state)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"{weights}: does not look like an official {entry.name!r} checkpoint "
+            f"({entry.official.description}): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_model(
+    name: str | None = None,
+    weights: str | Path | None = None,
+    device: str | torch.device = "auto",
+    **kwargs: Any,
+) -> LoadedModel:
+    """Build a registered model and load weights: ours (safetensors) or the authors' file.
+
+    Args:
+        name: registry name; may be omitted when ``weights`` is one of our checkpoints.
+        weights: our ``.safetensors`` checkpoint, an official release file (format detected, keys
+            mapped, loaded strictly), or None for random initialisation.
+        device: "auto" (CUDA if present), "cpu" or "cuda".
+        kwargs: constructor arguments (override those a checkpoint records).
+
+    Raises:
+        DetsegError: unknown model, checkpoint of another model, unsafe or corrupt file.
+    """
+    weights_str = str(weights) if weights is not None else None
+    state, meta = read_state_dict(weights) if weights is not None else (None, None)
+    official = state is not None and meta is None
+    preprocess_dict: dict[str, Any] | None = None
+    class_names: tuple[str, ...] = ()
+    if meta is not None:
+        if name and name != meta.model:
+            raise CheckpointError(
+                f"{weights_str}: is a checkpoint of model {meta.model!r}, not {name!r}; "
+                "pass the matching --model (or omit it)."
+            )
+        entry = get_entry(meta.model)
+        build_kwargs = {**meta.kwargs, **kwargs}
+        preprocess_dict, class_names = meta.preprocess, tuple(meta.class_names)
+    else:
+        if not name:
+            raise DetsegError("--model is required unless --weights is a detseg checkpoint.")
+        entry = get_entry(name)
+        build_kwargs = dict(kwargs)
+        if state is not None:
+            official_kwargs, state = _convert_official(entry, state, weights_str or "")
+            build_kwargs = {**official_kwargs, **kwargs}
+            if entry.official is not None and entry.official.preprocess is not None:
+                preprocess_dict = entry.official.preprocess(build_kwargs)
+            class_names = tuple(build_kwargs.pop("class_names", ()) or ())
+    model = _build(entry, build_kwargs)
+    if state is not None:
+        load_state_dict_strict(model, state, weights_str or "", entry.name)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    preprocess = (
+        Preprocess.from_dict(preprocess_dict)
+        if preprocess_dict
+        else getattr(model, "default_preprocess", Preprocess())
+    )
+    if not class_names:
+        class_names = tuple(getattr(model, "class_names", ()) or ())
+    return LoadedModel(
+        entry.name,
+        entry.task,
+        model,
+        build_kwargs,
+        preprocess,
+        class_names,
+        weights_str,
+        official,
+        dev,
+    )
+
+
+def models_table(task: str | None = None) -> list[dict[str, Any]]:
+    """One row per registered model: name, task, parameter count, official format, summary."""
+    rows = []
+    for entry in list_models(task):
+        try:
+            params = sum(p.numel() for p in entry.build().parameters())
+        except Exception:  # a builder that needs arguments (e.g. num_classes) to be built
+            params = None
+        rows.append(
+            {
+                "name": entry.name,
+                "task": entry.task,
+                "params": params,
+                "official": entry.official.description if entry.official else None,
+                "summary": entry.summary,
+            }
+        )
+    return rows
+
+
+def predict(
+    model: LoadedModel, source: str | Path, out_dir: str | Path | None = None, **options: Any
+) -> list[dict[str, Any]]:
+    """Run ``model`` on a file, folder or glob; write pictures to ``out_dir``; return summaries."""
+    if model.task == "semantic":
+        from detseg.semantic.pipeline import predict_files
+
+        return predict_files(model, source, out_dir, **options)
+    raise DetsegError(f"`detseg predict` does not support task {model.task!r} yet.")
+
+
+def evaluate(task: str, **options: Any) -> dict[str, Any]:
+    """Score a model on a dataset split, or saved predictions against labels."""
+    if task == "semantic":
+        from detseg.semantic.pipeline import evaluate_semantic
+
+        return evaluate_semantic(**options)
+    raise DetsegError(f"`detseg eval` does not support task {task!r} yet.")
+
+
+def train(task: str, **options: Any) -> dict[str, Any]:
+    """Train a model of ``task``; returns the run's summary (paths, first/last/best metrics)."""
+    if task == "semantic":
+        from detseg.semantic.pipeline import train_semantic
+
+        return train_semantic(**options)
+    raise DetsegError(f"`detseg train` does not support task {task!r} yet.")
+
+
+def demo(out_dir: str | Path = "detseg-demo", **options: Any) -> dict[str, Any]:
+    """Train, evaluate and draw a small model on built-in synthetic data (about two minutes)."""
+    from detseg.semantic.demo import run_demo
+
+    return run_demo(out_dir, **options)

@@ -1,0 +1,270 @@
+"""The ``detseg`` command line: parses arguments, calls ``detseg.api``, prints. Nothing else.
+
+User errors (``DetsegError``) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from detseg import api
+from detseg.engine.trainer import TrainingInterrupted
+from detseg.errors import DetsegError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="detseg: detection, segmentation and matting in practice.",
+)
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when present).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``detseg: error: message`` (one line) on stderr and exit with ``code``."""
+    print(f"detseg: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn DetsegError into one stderr line + exit 2, Ctrl-C in training into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TrainingInterrupted as exc:
+            fail(str(exc), 130)
+        except DetsegError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, default=str) + "\n")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.lower().replace("x", " ").split()]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise DetsegError(f"--crop {text!r}: expected a size like 256 or 256x320 (HxW).")
+    return parts[0], parts[1]
+
+
+def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("IoU %", justify="right")
+    table.add_column("acc %", justify="right")
+    for name, iou in metrics["per_class_IoU"].items():
+        acc = metrics["per_class_acc"].get(name)
+        table.add_row(
+            name, "-" if iou is None else f"{iou:.2f}", "-" if acc is None else f"{acc:.2f}"
+        )
+    table.add_section()
+    table.add_row("mean", f"{metrics['mIoU']:.2f}", f"{metrics['mean_class_acc']:.2f}")
+    return table
+
+
+@app.command("models")
+@user_errors
+def models_cmd(
+    task: str = typer.Option(None, help="Only models of this task."), as_json: bool = JsonOpt
+) -> None:
+    """List the registered models with task, parameters and official-weights format."""
+    rows = api.models_table(task)
+    if as_json:
+        _emit_json({"models": rows})
+        return
+    table = Table(title="detseg models")
+    for col in ("name", "task", "params", "official weights", "summary"):
+        table.add_column(col)
+    for r in rows:
+        params = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f} M"
+        table.add_row(r["name"], r["task"], params, r["official"] or "-", r["summary"])
+    console.print(table)
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    task: str = typer.Option("semantic", help="semantic (more tasks arrive with their models)."),
+    model: str = typer.Option(..., help="Registered model name (see `detseg models`)."),
+    data: Path = typer.Option(..., help="Dataset folder (CamVid or VOC layout)."),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder."),
+    split: str = typer.Option("train"),
+    val_split: str = typer.Option("val"),
+    steps: int = typer.Option(1000, min=1),
+    batch_size: int = typer.Option(4, min=1),
+    lr: float = typer.Option(1e-3),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd."),
+    crop: str = typer.Option("256x256", help="Training crop HxW."),
+    eval_every: int = typer.Option(200, min=0),
+    val_limit: int = typer.Option(None, min=1),
+    num_classes: int = typer.Option(None, min=1),
+    ignore_index: int = typer.Option(None),
+    class_weights: str = typer.Option(None, help="'enet' for 1/ln(1.02+p) weights."),
+    dice: float = typer.Option(0.0, help="Weight of an added Dice loss."),
+    weights: Path = typer.Option(None, help="Initial weights (ours or official)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out exactly."),
+    device: str = DeviceOpt,
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(0, min=0),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train a model; writes best/last checkpoints, history.json and curves.png to --out."""
+    summary = api.train(
+        task,
+        model=model,
+        data=data,
+        out_dir=out,
+        split=split,
+        val_split=val_split or None,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        crop=_parse_size(crop),
+        eval_every=eval_every,
+        val_limit=val_limit,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        dice_weight=dice,
+        weights=str(weights) if weights else None,
+        resume=resume,
+        device=device,
+        seed=seed,
+        num_workers=workers,
+        progress=not as_json,
+    )
+    if as_json:
+        _emit_json(summary)
+    else:
+        console.print(summary)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    task: str = typer.Option("semantic", help="semantic."),
+    data: Path = typer.Option(..., help="Dataset folder."),
+    split: str = typer.Option("val"),
+    model: str = typer.Option(None, help="Model to run on the split."),
+    weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
+    pred: Path = typer.Option(None, help="Folder of saved label PNGs to score instead."),
+    convention: str = typer.Option("standard", help="standard (void ignored) or authors."),
+    num_classes: int = typer.Option(None, min=1),
+    ignore_index: int = typer.Option(None),
+    sliding: bool = typer.Option(False, help="Sliding-window inference."),
+    crop: int = typer.Option(512),
+    stride: int = typer.Option(None),
+    limit: int = typer.Option(None, min=1, help="Only the first N images."),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Dataset-level mIoU, per-class IoU, pixel and mean class accuracy."""
+    loaded = None
+    if model is not None or weights is not None:
+        loaded = api.load_model(model, weights, device)
+    elif pred is None:
+        raise DetsegError("pass --model/--weights to run a model, or --pred to score saved labels.")
+    metrics = api.evaluate(
+        task,
+        data=data,
+        split=split,
+        model=loaded,
+        pred_dir=pred,
+        convention=convention,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        limit=limit,
+        progress=not as_json,
+        sliding=sliding,
+        crop=crop,
+        stride=stride,
+    )
+    if as_json:
+        _emit_json(metrics)
+        return
+    console.print(_metrics_table(metrics, f"{split}: {metrics['images']} images, {convention}"))
+    console.print(f"mIoU {metrics['mIoU']:.2f}  pixel acc {metrics['pixel_acc']:.2f}")
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    source: str = typer.Argument(..., help="Image file, folder or glob."),
+    model: str = typer.Option(None, help="Registered model name."),
+    weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
+    out: Path = typer.Option(Path("detseg-out"), "--out", "-o", help="Output folder."),
+    sliding: bool = typer.Option(False, help="Sliding-window inference (any image size)."),
+    crop: int = typer.Option(512),
+    stride: int = typer.Option(None),
+    batch_size: int = typer.Option(4, min=1, help="Windows per forward pass."),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Predict and write colour overlays and label PNGs."""
+    loaded = api.load_model(model, weights, device)
+    if weights is None and not as_json:
+        console.print("[yellow]no --weights given: the model has random weights[/yellow]")
+    records = api.predict(
+        loaded,
+        source,
+        out,
+        sliding=sliding,
+        crop=crop,
+        stride=stride,
+        batch_size=batch_size,
+        progress=not as_json,
+    )
+    if as_json:
+        _emit_json({"model": loaded.name, "images": records})
+    else:
+        console.print(f"wrote {2 * len(records)} files to {out}")
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    out: Path = typer.Option(Path("detseg-demo"), "--out", "-o"),
+    steps: int = typer.Option(None, min=1, help="Training steps (default: ~2 min)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Make a synthetic dataset, train a small U-Net on it, evaluate, draw overlays and plots."""
+    summary = api.demo(out, steps=steps, progress=not as_json)
+    if as_json:
+        _emit_json(summary)
+    else:
+        console.print(summary)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
