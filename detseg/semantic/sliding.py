@@ -1,0 +1,243 @@
+"""Semantic segmentation inference: the whole image at once, or sliding windows for images of any size.
+
+Sliding windows of ``crop`` pixels move by ``stride``; the last window of each row and column is
+shifted back inside the image, so no window is padded unless the image is smaller than the crop
+(then the window is the image itself, padded like a whole image to a multiple of ``size_divisor``).
+Overlapping windows' logits are averaged. Memory is bounded by the crop batch and one band of
+``crop`` image rows: rows that no later window touches are decided (softmax, argmax) and dropped
+from the accumulator, so no ``(C, H, W)`` float tensor of the whole image is ever held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detseg.data.preprocess import Preprocess
+from detseg.errors import DetsegError
+from detseg.results import SemanticResult
+
+Progress = Callable[[int, int], None]  # (windows done, windows in all)
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``value`` as (height, width); a single int stands for both."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or any(int(v) < 1 for v in pair):
+        raise DetsegError(
+            f"sliding-window {name} {value!r} is invalid; give one or two positive sizes in pixels."
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Start offsets along one axis of length ``size`` for windows of length ``min(crop, size)``.
+
+    Windows start every ``stride`` pixels; the last one is moved back to end on the border.
+    """
+    if size <= crop:
+        return [0]
+    count = -(-(size - crop) // stride) + 1
+    return [min(i * stride, size - crop) for i in range(count)]
+
+
+def _coverage(size: int, starts: list[int], length: int, device: torch.device) -> torch.Tensor:
+    """(size,) float32: how many windows of ``length`` starting at ``starts`` cover each pixel."""
+    count = torch.zeros(size, dtype=torch.float32, device=device)
+    for start in starts:
+        count[start : start + length] += 1
+    return count
+
+
+def _placement(
+    model: nn.Module, device: torch.device | str | None
+) -> tuple[torch.device, torch.dtype]:
+    """Where the network input goes and its dtype: ``device`` or the model's, the model's float dtype."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if device is None:
+        device = param.device if param is not None else torch.device("cpu")
+    return torch.device(device), param.dtype if param is not None else torch.float32
+
+
+def _logits(model: nn.Module, x: torch.Tensor, size_divisor: int) -> torch.Tensor:
+    """(N, 3, h, w) network input -> (N, C, h, w) float32 logits.
+
+    The input is zero-padded on the bottom and right to a multiple of ``size_divisor`` (zero in
+    network units: the mean colour), the logits resized to the padded size when the model predicts
+    at a lower resolution (bilinear, ``align_corners=False``), then cropped back to (h, w).
+    """
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % size_divisor, -w % size_divisor
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    out = model(x)
+    if out.shape[-2:] != x.shape[-2:]:
+        out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return out[..., :h, :w].float()
+
+
+def _decide(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, h, w) logits -> (h, w) int64 labels and (h, w) float32 softmax probability of each label."""
+    scores, labels = logits.softmax(dim=0).max(dim=0)
+    return labels, scores
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+        raise ValueError(
+            f"expected a non-empty (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}"
+        )
+
+
+def _check_classes(logits: torch.Tensor, num_classes: int) -> None:
+    if logits.shape[1] != num_classes:
+        raise ValueError(
+            f"the model predicts {logits.shape[1]} classes, expected num_classes={num_classes}"
+        )
+
+
+def whole_image_predict(
+    model: nn.Module,
+    image: np.ndarray,
+    preprocess: Preprocess,
+    num_classes: int,
+    *,
+    device: torch.device | str | None = None,
+    size_divisor: int = 1,
+    class_names: tuple[str, ...] = (),
+) -> SemanticResult:
+    """Segment ``image`` ((H, W, 3) uint8 RGB) in one forward pass of ``model`` (in eval mode).
+
+    The image is padded to a multiple of ``size_divisor`` and the logits cropped back to (H, W).
+    ``device`` defaults to the model's. Returns labels and scores on the CPU.
+    """
+    _check_image(image)
+    device, dtype = _placement(model, device)
+    with torch.inference_mode():
+        logits = _logits(model, preprocess(image)[None].to(device, dtype), size_divisor)
+        _check_classes(logits, num_classes)
+        labels, scores = _decide(logits[0])
+    return SemanticResult(labels=labels.cpu(), scores=scores.cpu(), class_names=class_names)
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def sliding_window_predict(
+    model: nn.Module,
+    image: np.ndarray,
+    preprocess: Preprocess,
+    num_classes: int,
+    *,
+    crop: int | tuple[int, int] = 512,
+    stride: int | tuple[int, int] = 341,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    size_divisor: int = 1,
+    progress: Progress | None = None,
+    class_names: tuple[str, ...] = (),
+) -> SemanticResult:
+    """Segment ``image`` ((H, W, 3) uint8 RGB) window by window with ``model`` (in eval mode).
+
+    Args:
+        crop, stride: window size and step in pixels, one int or (height, width); ``stride <= crop``.
+        batch_size: windows per forward pass (windows of one row at a time).
+        device: where the model runs and logits accumulate; defaults to the model's.
+        size_divisor: each window is zero-padded to a multiple of it (in network units).
+        progress: called as ``progress(windows_done, windows_total)`` after every batch.
+
+    Returns:
+        labels (H, W) int64 and scores (H, W) float32 (softmax of the averaged logits) on the CPU.
+    """
+    _check_image(image)
+    (crop_h, crop_w), (stride_h, stride_w) = _pair(crop, "crop"), _pair(stride, "stride")
+    if stride_h > crop_h or stride_w > crop_w:
+        raise DetsegError(
+            f"sliding-window stride {stride!r} is larger than the crop {crop!r}, which would leave "
+            "pixels unpredicted; use a stride between 1 and the crop size."
+        )
+    if batch_size < 1:
+        raise DetsegError(f"batch size {batch_size} is invalid; use 1 or more windows per batch.")
+    height, width = image.shape[:2]
+    win_h, win_w = min(crop_h, height), min(crop_w, width)
+    ys, xs = window_starts(height, crop_h, stride_h), window_starts(width, crop_w, stride_w)
+    device, dtype = _placement(model, device)
+    row_count = _coverage(height, ys, win_h, device)
+    col_count = _coverage(width, xs, win_w, device)
+    labels = torch.empty((height, width), dtype=torch.int64)
+    scores = torch.empty((height, width), dtype=torch.float32)
+    band = torch.zeros(
+        (num_classes, win_h, width), dtype=torch.float32, device=device
+    )  # rows y..y+win_h
+    done, total = 0, len(ys) * len(xs)
+    with torch.inference_mode():
+        for i, y in enumerate(ys):
+            for chunk in _chunks(xs, batch_size):
+                crops = [preprocess(image[y : y + win_h, x : x + win_w]) for x in chunk]
+                logits = _logits(model, torch.stack(crops).to(device, dtype), size_divisor)
+                _check_classes(logits, num_classes)
+                for x, window in zip(chunk, logits, strict=True):
+                    band[:, :, x : x + win_w] += window
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+            stop = ys[i + 1] if i + 1 < len(ys) else height  # rows above stop are final
+            final = stop - y
+            count = row_count[y:stop, None] * col_count[None, :]
+            band_labels, band_scores = _decide(band[:, :final] / count)
+            labels[y:stop], scores[y:stop] = band_labels.cpu(), band_scores.cpu()
+            band = torch.cat([band[:, final:], band.new_zeros((num_classes, final, width))], dim=1)
+    return SemanticResult(labels=labels, scores=scores, class_names=class_names)
+
+
+def predict_semantic(
+    model: nn.Module,
+    image: np.ndarray,
+    preprocess: Preprocess,
+    num_classes: int,
+    *,
+    mode: str = "whole",
+    crop: int | tuple[int, int] = 512,
+    stride: int | tuple[int, int] = 341,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    size_divisor: int = 1,
+    progress: Progress | None = None,
+    class_names: tuple[str, ...] = (),
+) -> SemanticResult:
+    """Segment one image with ``mode="whole"`` (one pass) or ``"sliding"`` (windows).
+
+    ``crop``, ``stride``, ``batch_size`` and ``progress`` apply to sliding windows only; see
+    ``sliding_window_predict`` and ``whole_image_predict`` for the rest.
+    """
+    if mode == "whole":
+        return whole_image_predict(
+            model,
+            image,
+            preprocess,
+            num_classes,
+            device=device,
+            size_divisor=size_divisor,
+            class_names=class_names,
+        )
+    if mode == "sliding":
+        return sliding_window_predict(
+            model,
+            image,
+            preprocess,
+            num_classes,
+            crop=crop,
+            stride=stride,
+            batch_size=batch_size,
+            device=device,
+            size_divisor=size_divisor,
+            progress=progress,
+            class_names=class_names,
+        )
+    raise ValueError(f"unknown inference mode {mode!r}; expected 'whole' or 'sliding'")
