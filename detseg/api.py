@@ -75,8 +75,10 @@ def _convert_official(
         )
     try:
         return entry.official.convert(state)
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:
+        if weights in str(exc):
+            raise
+        raise CheckpointError(f"{weights}: {exc}") from exc
     except Exception as exc:
         raise CheckpointError(
             f"{weights}: does not look like an official {entry.name!r} checkpoint "

@@ -28,7 +28,7 @@ def _progress(*extra: TextColumn) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=stderr_console,
-        transient=False,
+        transient=True,  # leaves stderr clean: an error after a bar is still one line
     )
 
 
