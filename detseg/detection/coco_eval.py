@@ -170,13 +170,15 @@ def _match_pycocotools(ev: COCOeval_faster, num_gt: np.ndarray) -> None:
 
 def _coco(gt: str | Path | dict | DetectionSet) -> COCO:
     if isinstance(gt, DetectionSet):
-        return COCO(gt.to_coco())
-    if isinstance(gt, dict):
-        return COCO(copy.deepcopy(gt))
-    data = load_json(gt)
+        gt = gt.to_coco()
+    data = gt if isinstance(gt, dict) else load_json(gt)
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
-        raise InputFileError(f"{gt}: not a COCO ground-truth file (needs images and annotations).")
-    return COCO(data)
+        name = "the ground truth" if isinstance(gt, dict) else str(gt)
+        raise InputFileError(
+            f"{name}: not a COCO ground-truth file (needs images and annotations)."
+        )
+    # COCOeval adds keys to the annotation dicts: give it its own (shallow) copies.
+    return COCO({**data, "annotations": [dict(a) for a in data["annotations"]]})
 
 
 def _check_results(results: Any, gt: COCO, iou_type: str, source: str) -> list[dict]:
@@ -194,7 +196,7 @@ def _check_results(results: Any, gt: COCO, iou_type: str, source: str) -> list[d
             raise InputFileError(
                 f"{source}: result [{i}] has category_id {r['category_id']}, not in the ground truth."
             )
-    return copy.deepcopy(results)
+    return [dict(r) for r in results]  # loadRes adds keys to each result
 
 
 def run_coco_eval(
