@@ -168,6 +168,7 @@ class ESPNetC(nn.Module):
 
     def __init__(self, num_classes: int = 20, p: int = 2, q: int = 8) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.level1 = _conv_bn_prelu(3, 16, 3, stride=2)
         self.b1 = _bn_prelu(16 + 3)
         self.level2_0 = ESPDownsample(16 + 3, 64)
@@ -236,6 +237,7 @@ class ESPNet(nn.Module):
                 f"ESPNet needs at least 5 classes, got {num_classes}; use another model "
                 "(e.g. unet) for datasets with fewer classes."
             )
+        self.num_classes = num_classes
         self.decoder_skip = decoder_skip
         self.encoder = ESPNetC(num_classes, p, q)
         self.level3_C = _conv(64 + 64 + 3, num_classes, 1)
@@ -275,9 +277,23 @@ class ESPNet(nn.Module):
             kwargs, state = convert_official(state)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc
+        kwargs.pop("class_names", None)
         model = cls(**kwargs)
         load_state_dict_strict(model, state, str(path), "espnet")
         return model.eval()
+
+
+# class count -> (class names, preprocessing) of the authors' releases
+_RELEASES = {
+    len(CAMVID_CLASS_NAMES): (CAMVID_CLASS_NAMES, CAMVID_PREPROCESS),
+    len(CITYSCAPES_CLASS_NAMES): (CITYSCAPES_CLASS_NAMES, CITYSCAPES_PREPROCESS),
+}
+
+
+def _with_class_names(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Add ``class_names`` (popped by the loader before building) for a known release."""
+    release = _RELEASES.get(kwargs["num_classes"])
+    return {**kwargs, "class_names": list(release[0])} if release is not None else kwargs
 
 
 def _strip_module_prefix(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -293,7 +309,8 @@ def _count_blocks(state: Mapping[str, Tensor], prefix: str) -> int:
 
 
 def convert_official_c(state: Mapping[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The authors' ESPNet-C (encoder) state dict -> (``ESPNetC`` kwargs, state dict)."""
+    """The authors' ESPNet-C (encoder) state dict -> (``ESPNetC`` kwargs (+ ``class_names`` for
+    a 20-class Cityscapes file), state dict)."""
     state = _strip_module_prefix(state)
     if "classifier.conv.weight" not in state or "level3_0.c1.conv.weight" not in state:
         raise CheckpointError(
@@ -305,14 +322,15 @@ def convert_official_c(state: Mapping[str, Tensor]) -> tuple[dict[str, Any], dic
         "p": _count_blocks(state, "level2."),
         "q": _count_blocks(state, "level3."),
     }
-    return kwargs, state
+    return _with_class_names(kwargs), state
 
 
 def convert_official(state: Mapping[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The authors' ESPNet decoder state dict -> (``ESPNet`` kwargs, state dict).
 
     ``num_classes`` and ``decoder_skip`` come from ``conv.conv.weight`` (C, C + 19 | C + 16, 3, 3),
-    ``p`` and ``q`` from the number of ``encoder.level2.N`` / ``encoder.level3.N`` blocks.
+    ``p`` and ``q`` from the number of ``encoder.level2.N`` / ``encoder.level3.N`` blocks;
+    ``class_names`` is added for the CamVid (12) and Cityscapes (20) releases.
     """
     state = _strip_module_prefix(state)
     weight = state.get("conv.conv.weight")
@@ -335,7 +353,7 @@ def convert_official(state: Mapping[str, Tensor]) -> tuple[dict[str, Any], dict[
         "q": _count_blocks(state, "encoder.level3."),
         "decoder_skip": skips[in_ch - num_classes],
     }
-    return kwargs, state
+    return _with_class_names(kwargs), state
 
 
 def official_preprocess(kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -344,12 +362,8 @@ def official_preprocess(kwargs: dict[str, Any]) -> dict[str, Any] | None:
     12 classes -> CamVid statistics, 20 classes -> Cityscapes statistics (the authors additionally
     resized Cityscapes to 1024x512); anything else -> None (the model's default).
     """
-    by_classes = {
-        len(CAMVID_CLASS_NAMES): CAMVID_PREPROCESS,
-        len(CITYSCAPES_CLASS_NAMES): CITYSCAPES_PREPROCESS,
-    }
-    chosen = by_classes.get(int(kwargs.get("num_classes", 0)))
-    return chosen.to_dict() if chosen is not None else None
+    release = _RELEASES.get(int(kwargs.get("num_classes", 0)))
+    return release[1].to_dict() if release is not None else None
 
 
 @register_model(

@@ -47,7 +47,9 @@ def test_official_files_load_strictly(weights, name, num_classes, skip):
     path = need(weights / f"espnet_p_2_q_8_{name}.pth")
     state, _ = read_state_dict(path)
     kwargs, converted = convert_official(state)
+    names = kwargs.pop("class_names")
     assert kwargs == {"num_classes": num_classes, "p": 2, "q": 8, "decoder_skip": skip}
+    assert len(names) == num_classes and names[0] == ("Sky" if name == "camvid" else "road")
     model = ESPNet(**kwargs)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     assert unexpected == []
@@ -94,6 +96,7 @@ def test_registry_entry_converts_official_files(weights):
     entry = get_entry("espnet")
     state, _ = read_state_dict(need(weights / "espnet_p_2_q_8_cityscapes.pth"))
     kwargs, _ = entry.official.convert(state)
+    assert kwargs.pop("class_names")[-1] == "void"
     assert isinstance(entry.build(**kwargs), ESPNet)
     assert entry.official.preprocess(kwargs)["mean"][0] == pytest.approx(72.3923111)
 
