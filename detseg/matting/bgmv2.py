@@ -12,7 +12,6 @@ model, except the refiner's 2x upsamples, which are nearest.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -295,7 +294,7 @@ class Refiner(nn.Module):
             ref = self.select(_resize(err, quarter))
             cells = torch.nonzero(ref.squeeze(1))  # (P, 3) rows (b, i, j), row-major
             out = _resize(torch.cat([pha, fgr], dim=1), (h, w))
-            if cells.shape[0] > 0 or not self.training:
+            if not self.training or cells.shape[0] > 0:
                 # In eval an empty selection runs through as empty tensors (a static graph for
                 # export); training BatchNorm cannot take an empty batch.
                 out = _paste(out, cells, self._refine_cells(x, y, src_bgr, cells))
@@ -368,8 +367,18 @@ class MattingRefine(MattingBase):
         h, w = src.shape[-2:]
         if h % 4 or w % 4:
             raise ValueError(f"MattingRefine needs H and W divisible by 4, got {h}x{w}")
-        coarse = (math.floor(h * self.backbone_scale), math.floor(w * self.backbone_scale))
-        src_sm, bgr_sm = _resize(src, coarse), _resize(bgr, coarse)
+        # recompute_scale_factor=True: exactly a resize to (floor(H*s), floor(W*s)); unlike
+        # math.floor on the shape, it also stays symbolic when traced for ONNX.
+        src_sm, bgr_sm = (
+            F.interpolate(
+                t,
+                scale_factor=self.backbone_scale,
+                mode="bilinear",
+                align_corners=False,
+                recompute_scale_factor=True,
+            )
+            for t in (src, bgr)
+        )
         d = self._decode(src_sm, bgr_sm)
         pha_sm = d[:, 0:1].clamp(0.0, 1.0)
         fgr_res_sm = d[:, 1:4]
