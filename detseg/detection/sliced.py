@@ -1,0 +1,240 @@
+"""Sliced inference: find small objects in large images by running a detector on overlapping tiles.
+
+Works with any detector given as ``detect(tiles) -> list[Detections]`` (FCOS now; PolarMask and
+Mask R-CNN through the same callable, returning ``Instances``). The image is read once; tiles are
+views into it (no copy per tile) and go to ``detect`` ``batch_size`` at a time, so peak memory
+is bounded by one batch, not by the number of tiles. Tile detections are shifted to image
+coordinates and merged by NMS or greedy non-maximum merging (NMM), with IoU or IoS (intersection
+over the smaller box) as the match metric, per class or across classes.
+
+Instance masks (``Instances`` from ``detect``) stay tile-sized until the merge is done; only the
+kept (or merged) detections are pasted into full-image masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms, box_iou
+
+from detseg.ops.ios import box_ios
+from detseg.results import Detections, Instances
+
+Image = np.ndarray | torch.Tensor  # (H, W, C) array or (C, H, W) tensor
+DetectFn = Callable[[list[Image]], list[Detections]]
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """Sliced-inference settings.
+
+    Attributes:
+        size: tile (height, width) in pixels, or one int for square tiles.
+        overlap: fraction of the tile shared with its neighbour, in [0, 1).
+        full_image: also run ``detect`` on the whole image (the detector resizes it) and merge
+            those detections with the tiles' (finds the objects larger than a tile).
+        merge: "nms" keeps the best of each group; "nmm" merges each group into the union box.
+        match: "iou" or "ios" (intersection over the smaller area).
+        match_threshold: boxes match when the metric is >= this.
+        class_agnostic: match across classes (otherwise only within a class).
+        batch_size: tiles per ``detect`` call.
+    """
+
+    size: int | tuple[int, int] = 640
+    overlap: float = 0.2
+    full_image: bool = False
+    merge: Literal["nms", "nmm"] = "nms"
+    match: Literal["iou", "ios"] = "iou"
+    match_threshold: float = 0.5
+    class_agnostic: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), not {self.overlap}")
+        if self.merge not in ("nms", "nmm") or self.match not in ("iou", "ios"):
+            raise ValueError(
+                f"merge must be nms|nmm and match iou|ios, not {self.merge}/{self.match}"
+            )
+        if min(self.tile_hw) < 1 or self.batch_size < 1:
+            raise ValueError("tile size and batch size must be positive")
+
+    @property
+    def tile_hw(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+
+def _starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Tile origins along one axis: a fixed stride, the last tile shifted back inside."""
+    if length <= tile:
+        return [0]
+    step = max(1, tile - int(overlap * tile))
+    starts = list(range(0, length - tile, step))
+    return [*starts, length - tile]
+
+
+def slice_grid(height: int, width: int, tile_hw: tuple[int, int], overlap: float) -> torch.Tensor:
+    """(T, 4) int64 xyxy tiles covering a ``height`` x ``width`` image, row by row.
+
+    Every tile lies inside the image and has the tile size (or the image's, when smaller); the
+    stride is ``tile - int(overlap * tile)``, as SAHI's, so the grids are the same.
+    """
+    ys = _starts(height, tile_hw[0], overlap)
+    xs = _starts(width, tile_hw[1], overlap)
+    th, tw = min(tile_hw[0], height), min(tile_hw[1], width)
+    return torch.tensor([[x, y, x + tw, y + th] for y in ys for x in xs], dtype=torch.int64)
+
+
+def _crop(image: Image, tile: Sequence[int]) -> Image:
+    x1, y1, x2, y2 = tile
+    if isinstance(image, torch.Tensor):
+        return image[..., y1:y2, x1:x2]  # (C, h, w) view
+    return image[y1:y2, x1:x2]  # (h, w, C) view
+
+
+def _image_hw(image: Image) -> tuple[int, int]:
+    return tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
+
+
+@dataclass
+class _Pieces:
+    """Detections of all tiles in image pixels; masks stay at tile size with their tile origin."""
+
+    boxes: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    masks: list[tuple[torch.Tensor, int, int]]  # per detection: (h, w) bool mask, x0, y0
+    class_names: tuple[str, ...] = ()
+
+    def add(self, det: Detections, x0: int, y0: int) -> None:
+        shift = torch.tensor([x0, y0, x0, y0], dtype=det.boxes.dtype, device=det.boxes.device)
+        self.boxes.append(det.boxes + shift)
+        self.scores.append(det.scores)
+        self.labels.append(det.labels)
+        self.class_names = self.class_names or det.class_names
+        if isinstance(det, Instances) and det.masks is not None:
+            self.masks.extend((m, x0, y0) for m in det.masks)
+
+
+def _metric(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return box_ios(a, b) if kind == "ios" else box_iou(a, b).nan_to_num(0.0)
+
+
+def _rank(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Indices by score, best first; ties broken by x1, y1, x2, y2 (SAHI's order)."""
+    return np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], -scores))
+
+
+def _greedy_groups(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cfg: SliceConfig
+) -> list[list[int]]:
+    """Greedy matching: each remaining box, best first, takes the lower-ranked remaining boxes it
+    matches (metric >= threshold). Returns the groups by their keeper's rank, each keeper first
+    and the rest by rank."""
+    b64 = boxes.to(torch.float64)
+    order = _rank(b64.numpy(), scores.to(torch.float64).numpy())
+    lab = labels.numpy()[order]
+    groups = []
+    for cls in [None] if cfg.class_agnostic else np.unique(lab).tolist():
+        idx = order if cls is None else order[lab == cls]
+        t = torch.from_numpy(idx)
+        match = (_metric(cfg.match, b64[t], b64[t]) >= cfg.match_threshold).numpy()
+        free = np.ones(len(idx), dtype=bool)
+        for i in range(len(idx)):
+            if free[i]:
+                later = np.flatnonzero(match[i, i + 1 :] & free[i + 1 :]) + i + 1
+                free[later] = False
+                groups.append([int(idx[i]), *idx[later].tolist()])
+    position = np.empty(len(order), np.int64)
+    position[order] = np.arange(len(order))
+    return sorted(groups, key=lambda g: position[g[0]])
+
+
+def _merge_group(
+    boxes: np.ndarray, members: list[int], kind: str, thr: float
+) -> tuple[np.ndarray, list[int]]:
+    """Fold the members into the keeper's box one by one (union box), each only if it still
+    matches the merged box, as SAHI's greedy NMM does. Returns the box and the merged members."""
+    box, merged = boxes[members[0]].copy(), [members[0]]
+    for j in members[1:]:
+        pair = torch.from_numpy(np.stack((box, boxes[j])))
+        if float(_metric(kind, pair[:1], pair[1:])[0, 0]) >= thr:
+            box = np.concatenate(
+                (np.minimum(box[:2], boxes[j, :2]), np.maximum(box[2:], boxes[j, 2:]))
+            )
+            merged.append(j)
+    return box, merged
+
+
+def merge_detections(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cfg: SliceConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Merge overlapping detections (on CPU).
+
+    Args:
+        boxes: (N, 4) float xyxy image pixels; scores: (N,); labels: (N,) int64.
+
+    Returns:
+        boxes (M, 4) float32, scores (M,), labels (M,) sorted by score, and for each the indices
+        of the input detections it stands for (the keeper first). A merged detection keeps the
+        keeper's score and label.
+    """
+    if cfg.merge == "nms" and cfg.match == "iou":
+        group_ids = torch.zeros_like(labels) if cfg.class_agnostic else labels
+        keep = batched_nms(boxes.float(), scores.float(), group_ids, cfg.match_threshold)
+        return boxes[keep].float(), scores[keep], labels[keep], [[int(k)] for k in keep]
+    if len(boxes) == 0:
+        return boxes.float(), scores, labels, []
+    groups = _greedy_groups(boxes, scores, labels, cfg)
+    keepers = torch.tensor([g[0] for g in groups], dtype=torch.int64)
+    if cfg.merge == "nms":
+        return boxes[keepers].float(), scores[keepers], labels[keepers], [[g[0]] for g in groups]
+    b64 = boxes.to(torch.float64).numpy()
+    merged = [_merge_group(b64, g, cfg.match, cfg.match_threshold) for g in groups]
+    out = torch.from_numpy(np.stack([m[0] for m in merged]).reshape(-1, 4)).float()
+    return out, scores[keepers], labels[keepers], [m[1] for m in merged]
+
+
+def _paste_masks(pieces: _Pieces, groups: list[list[int]], hw: tuple[int, int]) -> torch.Tensor:
+    out = torch.zeros((len(groups), *hw), dtype=torch.bool)
+    for row, members in enumerate(groups):
+        for j in members:
+            m, x0, y0 = pieces.masks[j]
+            out[row, y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]] |= m.to("cpu", torch.bool)
+    return out
+
+
+def sliced_predict(image: Image, detect: DetectFn, cfg: SliceConfig | None = None) -> Detections:
+    """Detect on overlapping tiles of ``image`` (and optionally the whole image), then merge.
+
+    Args:
+        image: (H, W, C) uint8 array or (C, H, W) tensor, read once; tiles are views of it.
+        detect: the detector on a list of tiles (same type as ``image``), boxes in tile pixels.
+        cfg: slicing and merging settings.
+
+    Returns:
+        ``Detections`` (or ``Instances`` when ``detect`` returns masks) in image pixels.
+    """
+    cfg = cfg or SliceConfig()
+    h, w = _image_hw(image)
+    tiles = slice_grid(h, w, cfg.tile_hw, cfg.overlap).tolist()
+    pieces = _Pieces([], [], [], [])
+    for start in range(0, len(tiles), cfg.batch_size):
+        batch = tiles[start : start + cfg.batch_size]
+        for tile, det in zip(batch, detect([_crop(image, t) for t in batch]), strict=True):
+            pieces.add(det, tile[0], tile[1])
+    if cfg.full_image and len(tiles) > 1:
+        pieces.add(detect([image])[0], 0, 0)
+    boxes = torch.cat(pieces.boxes).float().cpu()
+    scores, labels = torch.cat(pieces.scores).float().cpu(), torch.cat(pieces.labels).cpu()
+    if pieces.masks and len(pieces.masks) != len(boxes):
+        raise ValueError("detect returned masks for some tiles only")
+    boxes, scores, labels, groups = merge_detections(boxes, scores, labels, cfg)
+    if pieces.masks:
+        masks = _paste_masks(pieces, groups, (h, w))
+        return Instances(boxes, scores, labels, pieces.class_names, masks=masks)
+    return Detections(boxes, scores, labels, pieces.class_names)
