@@ -72,6 +72,20 @@ def _parse_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``["base_channels=16", "backbone=resnet18"]`` -> kwargs (values parsed as JSON when they can be)."""
+    kwargs: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise DetsegError(f"--model-arg {item!r}: expected NAME=VALUE, e.g. base_channels=16.")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return kwargs
+
+
 def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
     table.add_column("class")
@@ -127,6 +141,7 @@ def train_cmd(
     class_weights: str = typer.Option(None, help="'enet' for 1/ln(1.02+p) weights."),
     dice: float = typer.Option(0.0, help="Weight of an added Dice loss."),
     weights: Path = typer.Option(None, help="Initial weights (ours or official)."),
+    model_arg: list[str] = typer.Option(None, help="Constructor argument NAME=VALUE (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out exactly."),
     device: str = DeviceOpt,
     seed: int = typer.Option(0),
