@@ -123,6 +123,16 @@ class SELayer(nn.Module):
         return x * gate[:, :, None, None]
 
 
+def _unshare_trunk_entries(
+    module: nn.Module, state: dict[str, Tensor], prefix: str, local_metadata: Any
+) -> None:
+    # The trunk and encoder* entries alias the same tensors; safetensors refuses shared memory,
+    # so the trunk-named copies in a state dict are clones (equal values, loaded first).
+    for key in state:
+        if key.startswith((f"{prefix}resnet.", f"{prefix}densenet.")):
+            state[key] = state[key].clone()
+
+
 def collaborative_matting(rosta: str, glance: Tensor, focus: Tensor) -> Tensor:
     """Merge glance (N, gd, H, W) and focus (N, 1, H, W) into alpha (N, 1, H, W) in [0, 1].
 
@@ -236,6 +246,7 @@ class GFM(nn.Module):
             )
         self.backbone, self.rosta = backbone, rosta
         stages = self._build_encoder(backbone)
+        self.register_state_dict_post_hook(_unshare_trunk_entries)
         for i, stage in enumerate(stages):
             self.add_module(f"encoder{i}", stage)
         self.num_stages = len(stages)
