@@ -13,14 +13,19 @@ kept (or merged) detections are pasted into full-image masks.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import batched_nms, box_iou
 
+from detseg.data.preprocess import Preprocess
 from detseg.ops.ios import box_ios
 from detseg.results import Detections, Instances
 
@@ -238,3 +243,57 @@ def sliced_predict(image: Image, detect: DetectFn, cfg: SliceConfig | None = Non
         masks = _paste_masks(pieces, groups, (h, w))
         return Instances(boxes, scores, labels, pieces.class_names, masks=masks)
     return Detections(boxes, scores, labels, pieces.class_names)
+
+
+def _as_hwc(image: Image) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        return image.permute(1, 2, 0).cpu().numpy()
+    return image
+
+
+def _fit(image: np.ndarray, max_size: int | None) -> np.ndarray:
+    h, w = image.shape[:2]
+    if max_size is None or max(h, w) <= max_size:
+        return image
+    s = max_size / max(h, w)
+    return cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
+
+
+def batched_detector(
+    model: nn.Module,
+    preprocess: Preprocess,
+    max_size: int | None = 1333,
+    size_divisor: int = 32,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> DetectFn:
+    """A ``DetectFn`` for a detseg detector with FCOS's interface: ``model(x) -> outputs`` and
+    ``model.postprocess(outputs, image_sizes, original_sizes) -> list[Detections]``.
+
+    Each image (uint8 (H, W, 3) array or (3, H, W) tensor) is shrunk to ``max_size`` on its longest
+    side if larger (tiles usually are not; a full-image pass is), preprocessed, and the batch is
+    zero-padded to a multiple of ``size_divisor``. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs
+    the network under autocast on ``device``; decoding is float32. Boxes come back in the pixels of
+    the images given.
+    """
+    model = model.eval().to(device)
+    dev = torch.device(device)
+
+    def detect(images: list[Image]) -> list[Detections]:
+        arrays = [_as_hwc(im) for im in images]
+        inputs = [preprocess(_fit(a, max_size)) for a in arrays]
+        sizes = [tuple(x.shape[1:]) for x in inputs]
+        ph = -(-max(h for h, _ in sizes) // size_divisor) * size_divisor
+        pw = -(-max(w for _, w in sizes) // size_divisor) * size_divisor
+        batch = torch.stack([F.pad(x, (0, pw - x.shape[2], 0, ph - x.shape[1])) for x in inputs])
+        autocast = (
+            torch.autocast(dev.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            outputs = model(batch.to(dev))
+        outputs = tuple(o.float() for o in outputs)
+        return model.postprocess(outputs, sizes, [a.shape[:2] for a in arrays])
+
+    return detect

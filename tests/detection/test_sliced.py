@@ -170,3 +170,35 @@ def test_sliced_predict_tensor_image_masks_and_full_pass() -> None:
         expected = torch.zeros(120, 160, dtype=torch.bool)
         expected[y1:y2, x1:x2] = True
         assert torch.equal(mask, expected) and list(map(int, box)) in [list(o) for o in OBJECTS]
+
+
+class _SizeModel(torch.nn.Module):
+    """Returns its input; ``postprocess`` reports each image's box in the original pixels."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x,)
+
+    def postprocess(self, outputs, image_sizes, original_sizes):  # noqa: ANN001, ANN201
+        self.batch_shape = tuple(outputs[0].shape)
+        self.sizes = list(image_sizes)
+        return [
+            Detections(
+                torch.tensor([[0.0, 0.0, float(w), float(h)]]),
+                torch.ones(1),
+                torch.zeros(1, dtype=torch.int64),
+            )
+            for h, w in original_sizes
+        ]
+
+
+def test_batched_detector_resizes_pads_and_maps_back() -> None:
+    from detseg.data.preprocess import Preprocess
+    from detseg.detection.sliced import batched_detector
+
+    model = _SizeModel()
+    detect = batched_detector(model, Preprocess(), max_size=100, size_divisor=32)
+    big = np.zeros((150, 300, 3), np.uint8)
+    small = torch.zeros(3, 40, 50, dtype=torch.uint8)
+    out = detect([big, small])
+    assert model.sizes == [(50, 100), (40, 50)] and model.batch_shape == (2, 3, 64, 128)
+    assert out[0].boxes.tolist() == [[0, 0, 300, 150]] and out[1].boxes.tolist() == [[0, 0, 50, 40]]
