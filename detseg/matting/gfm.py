@@ -253,37 +253,37 @@ class GFM(nn.Module):
         layout = _LAYOUTS[backbone]
         top, two_block = layout.top, backbone == "r34_2b"
         self.psp_module = PSPModule(top, top, (1, 3, 5))
-        levels = len(layout.glance)
         for i, (cout, scale) in enumerate(layout.psp):
             self.add_module(f"psp{len(layout.psp) - i}", conv_up_psp(top, cout, scale))
-        for i, widths in enumerate(layout.glance):
-            level = levels - i
-            dil = decoder6_dilation if level == 6 else 1
-            self.add_module(
-                f"decoder{level}_g",
-                decoder_block(*widths, upsample=not (two_block and level == 1), dilation=dil),
-            )
+        self._add_decoders("g", layout.glance, two_block, decoder6_dilation)
         self.bridge_block = bridge_block(top, top, top)
-        for i, widths in enumerate(layout.focus):
-            level = levels - i
-            dil = decoder6_dilation if level == 6 else 1
-            self.add_module(
-                f"decoder{level}_f",
-                decoder_block(*widths, upsample=not (two_block and level == 1), dilation=dil),
-            )
-        heads = {"RIM": ("tt", "ft", "bt")}.get(rosta)
-        if heads is None:
+        self._add_decoders("f", layout.focus, two_block, decoder6_dilation)
+        if rosta != "RIM":
             self.decoder0_g = self._head(layout.head_in, GLANCE_CHANNELS[rosta], two_block)
             self.decoder0_f = self._head(layout.head_in, 1, two_block)
-        else:
-            for name in heads:
-                self.add_module(
-                    f"decoder0_g_{name}",
-                    self._head(layout.head_in, GLANCE_CHANNELS[name.upper()], two_block),
-                )
-            for name in heads:
-                self.add_module(f"decoder0_f_{name}", self._head(layout.head_in, 1, two_block))
-            self.rim = nn.Sequential(nn.Conv2d(3, 16, 1), SELayer(16), nn.Conv2d(16, 1, 1))
+            return
+        for name in ("tt", "ft", "bt"):
+            glance = self._head(layout.head_in, GLANCE_CHANNELS[name.upper()], two_block)
+            self.add_module(f"decoder0_g_{name}", glance)
+        for name in ("tt", "ft", "bt"):
+            self.add_module(f"decoder0_f_{name}", self._head(layout.head_in, 1, two_block))
+        self.rim = nn.Sequential(nn.Conv2d(3, 16, 1), SELayer(16), nn.Conv2d(16, 1, 1))
+
+    def _add_decoders(
+        self, branch: str, widths: Sequence[tuple[int, int, int, int]], two_block: bool, dil6: int
+    ) -> None:
+        """``decoder{L}_{branch}`` for L = len(widths)..1 (r34_2b: no upsampling at level 1)."""
+        for i, (cin, m1, m2, cout) in enumerate(widths):
+            level = len(widths) - i
+            block = decoder_block(
+                cin,
+                m1,
+                m2,
+                cout,
+                upsample=not (two_block and level == 1),
+                dilation=dil6 if level == 6 else 1,
+            )
+            self.add_module(f"decoder{level}_{branch}", block)
 
     def _build_encoder(self, backbone: str) -> list[nn.Module]:
         # The official model keeps the whole torchvision trunk (its keys are part of the format).
