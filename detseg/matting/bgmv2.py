@@ -12,6 +12,7 @@ model, except the refiner's 2x upsamples, which are nearest.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -436,24 +437,30 @@ def official_config(state: Mapping[str, Tensor], source: str) -> dict[str, Any]:
     return config
 
 
-def _official_format(backbone: str) -> OfficialFormat:
+def _official_format(backbone: str, refine: bool) -> OfficialFormat:
+    """Official ``.pth`` state dicts for ``bgmv2_{backbone}`` (refine) or ``bgmv2_base_{backbone}``."""
+    cls = "MattingRefine" if refine else "MattingBase"
+
     def convert(state: Mapping[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
         config = official_config(state, "checkpoint")
         if config["backbone"] != backbone:
+            name = "bgmv2_" + ("" if refine else "base_") + config["backbone"]
             raise CheckpointError(
                 f"the checkpoint is a BackgroundMattingV2 {config['backbone']}, not {backbone}; "
-                f"use --model bgmv2_{config['backbone']}."
+                f"use --model {name}."
             )
+        state = _strip_module_prefix(state)
+        if not refine:  # as the official scripts, a MattingRefine file also serves the base
+            return {}, {k: v for k, v in state.items() if not k.startswith("refiner.")}
         if "refine_kernel_size" not in config:
             raise CheckpointError(
-                "the checkpoint is a MattingBase (no refiner.* weights); the registered bgmv2 "
-                "models are MattingRefine: train the refiner stage first."
+                "the checkpoint is a MattingBase (no refiner.* weights); use --model "
+                f"bgmv2_base_{backbone}, or train the refine stage first."
             )
-        return {"refine_kernel_size": config["refine_kernel_size"]}, _strip_module_prefix(state)
+        return {"refine_kernel_size": config["refine_kernel_size"]}, state
 
     return OfficialFormat(
-        description=f"BackgroundMattingV2 MattingRefine({backbone!r}) .pth state dict",
-        convert=convert,
+        description=f"BackgroundMattingV2 {cls}({backbone!r}) .pth state dict", convert=convert
     )
 
 
@@ -464,30 +471,21 @@ _DEFAULTS = {
     "refine_sample_pixels": 80_000,
     "refine_threshold": 0.7,
 }
+_NAMES = {"mobilenetv2": "MobileNetV2", "resnet50": "ResNet-50", "resnet101": "ResNet-101"}
 
+for _backbone, _label in _NAMES.items():
+    register_model(
+        f"bgmv2_{_backbone}",
+        task="matting",
+        summary=f"BackgroundMattingV2 MattingRefine, {_label} (photo + plate -> alpha, foreground)",
+        defaults=_DEFAULTS,
+        official=_official_format(_backbone, refine=True),
+    )(functools.partial(MattingRefine, _backbone))
+    register_model(
+        f"bgmv2_base_{_backbone}",
+        task="matting",
+        summary=f"BackgroundMattingV2 MattingBase, {_label} (stage-one network, input resolution)",
+        official=_official_format(_backbone, refine=False),
+    )(functools.partial(MattingBase, _backbone))
 
-@register_model(
-    "bgmv2_mobilenetv2",
-    task="matting",
-    defaults=_DEFAULTS,
-    official=_official_format("mobilenetv2"),
-)
-def bgmv2_mobilenetv2(**kwargs: Any) -> MattingRefine:
-    """BackgroundMattingV2 MattingRefine, MobileNetV2 encoder (photo + background plate -> alpha, foreground)."""
-    return MattingRefine("mobilenetv2", **kwargs)
-
-
-@register_model(
-    "bgmv2_resnet50", task="matting", defaults=_DEFAULTS, official=_official_format("resnet50")
-)
-def bgmv2_resnet50(**kwargs: Any) -> MattingRefine:
-    """BackgroundMattingV2 MattingRefine, ResNet-50 encoder (photo + background plate -> alpha, foreground)."""
-    return MattingRefine("resnet50", **kwargs)
-
-
-@register_model(
-    "bgmv2_resnet101", task="matting", defaults=_DEFAULTS, official=_official_format("resnet101")
-)
-def bgmv2_resnet101(**kwargs: Any) -> MattingRefine:
-    """BackgroundMattingV2 MattingRefine, ResNet-101 encoder (photo + background plate -> alpha, foreground)."""
-    return MattingRefine("resnet101", **kwargs)
+del _backbone, _label

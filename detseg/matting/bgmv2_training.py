@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,9 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, RandomAffine
 from torchvision.transforms.v2 import ColorJitter
 
+from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.data.images import list_images, read_image
 from detseg.errors import DetsegError, InputFileError
-from detseg.matting.bgmv2 import MattingBase, MattingRefine
+from detseg.matting.bgmv2 import BACKBONES as _BACKBONES
+from detseg.matting.bgmv2 import MattingBase, MattingRefine, official_config
 
 Batch = Mapping[str, Tensor]  # "fgr" (B,3,H,W), "pha" (B,1,H,W), "bgr" (B,3,H,W), floats in [0,1]
 
@@ -458,3 +461,133 @@ def build_training_model(
     if base_state is not None:
         load_base_weights(model, base_state)
     return model
+
+
+def _evenly_spaced(dataset: MattingPairs, limit: int | None) -> MattingPairs:
+    """At most ``limit`` foregrounds of ``dataset``, evenly spaced (the official validation: 50)."""
+    n = len(dataset.fgr)
+    if limit is None or n <= limit:
+        return dataset
+    keep = np.linspace(0, n - 1, limit).round().astype(int).tolist()
+    dataset.fgr = [dataset.fgr[i] for i in keep]
+    dataset.pha = [dataset.pha[i] for i in keep]
+    return dataset
+
+
+def initial_model(
+    name: str, weights: str | Path | None = None
+) -> tuple[MattingBase, dict[str, Any]]:
+    """The network to train for registry ``name`` and its constructor kwargs.
+
+    ``bgmv2_base_<backbone>`` -> ``MattingBase`` (stage one); ``bgmv2_<backbone>`` ->
+    ``MattingRefine`` with ``REFINE_TRAINING`` (stage two). ``weights`` (our checkpoint or an
+    official ``.pth``: same key names) initialise it; a base checkpoint initialises only the base
+    parts of a refine model, a refine checkpoint serves a base model without its refiner.
+    """
+    backbone = name.removeprefix("bgmv2_").removeprefix("base_")
+    stage = "base" if name.startswith("bgmv2_base_") else "refine"
+    if backbone not in _BACKBONES:
+        raise DetsegError(
+            f"{name!r} is not a bgmv2 model; use bgmv2_[base_]{'|'.join(_BACKBONES)}."
+        )
+    if weights is None:
+        model = build_training_model(backbone, stage)
+        return model, {} if stage == "base" else dict(REFINE_TRAINING)
+    state, _ = read_state_dict(weights)
+    config = official_config(state, str(weights))
+    if config["backbone"] != backbone:
+        raise DetsegError(f"{weights}: is a {config['backbone']} checkpoint, not {backbone}.")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if stage == "refine" and "refine_kernel_size" not in config:
+        return build_training_model(backbone, "refine", state), dict(REFINE_TRAINING)
+    if stage == "base":
+        model, kwargs = MattingBase(backbone), {}
+        state = {k: v for k, v in state.items() if not k.startswith("refiner.")}
+    else:
+        kwargs = {**REFINE_TRAINING, "refine_kernel_size": config["refine_kernel_size"]}
+        model = MattingRefine(backbone, **kwargs)
+    load_state_dict_strict(model, state, str(weights), name)
+    return model, kwargs
+
+
+def train_bgmv2(
+    *,
+    model: str,
+    data: str | Path,
+    backgrounds: str | Path,
+    out_dir: str | Path = "runs/bgmv2",
+    weights: str | Path | None = None,
+    val_data: str | Path | None = None,
+    val_limit: int | None = 50,
+    steps: int = 1000,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    size: int = 512,
+    max_side: int | None = None,
+    eval_every: int = 200,
+    log_every: int = 10,
+    resume: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``detseg train --task matting --model bgmv2_[base_]<backbone>``: returns the run summary.
+
+    Stage one trains ``bgmv2_base_<backbone>`` (items ``size`` x ``size``, batch crops of sides in
+    [size/2, size)); stage two trains ``bgmv2_<backbone>`` from stage one's checkpoint
+    (``weights``). ``data`` holds fgr/ + pha/ (or input/ + alpha/), ``backgrounds`` any images;
+    ``val_data`` (same layout) is scored by alpha SAD (lower is better) on clean composites.
+    Adam-like AdamW without weight decay and a constant LR, as the official scripts (which use
+    per-module LRs; the trainer has one).
+    """
+    from detseg.checkpoint import CheckpointMeta
+    from detseg.engine.trainer import TrainConfig, Trainer
+
+    net, kwargs = initial_model(model, weights)
+    refine = isinstance(net, MattingRefine)
+    fg_scale = (0.3, 1.0) if refine else (0.4, 1.0)
+    common = {"size": (size, size), "fg_scale": fg_scale, "max_side": max_side}
+    train_set = MattingPairs.from_folders(data, backgrounds, **common)
+    val_set = (
+        _evenly_spaced(
+            MattingPairs.from_folders(val_data, backgrounds, train=False, **common), val_limit
+        )
+        if val_data is not None
+        else None
+    )
+    cfg = TrainConfig(
+        out_dir=str(out_dir),
+        max_steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer="adamw",
+        weight_decay=0.0,
+        schedule="constant",
+        eval_every=eval_every,
+        log_every=log_every,
+        seed=seed,
+        device=device,
+        num_workers=num_workers,
+    )
+    trainer = Trainer(
+        net,
+        train_set,
+        cfg,
+        make_loss_fn((size // 2, size)),
+        make_evaluate_fn(val_set, batch_size) if val_set is not None else None,
+        primary_metric="SAD",
+        higher_is_better=False,
+        meta=CheckpointMeta(model=model, kwargs=kwargs),
+    )
+    history = trainer.fit(resume=resume, progress=progress)
+    return {
+        "out_dir": str(out_dir),
+        "steps": trainer.step,
+        "first_train": history.train[0] if history.train else None,
+        "last_train": history.train[-1] if history.train else None,
+        "last_eval": history.evals[-1] if history.evals else None,
+        "best_step": history.best_step,
+        "best_SAD": history.best_value,
+        "checkpoints": [str(Path(out_dir) / n) for n in ("best.safetensors", "last.safetensors")],
+    }

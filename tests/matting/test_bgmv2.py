@@ -170,3 +170,9 @@ def test_registry_official_convert(tmp_path) -> None:
     model.load_state_dict(converted, strict=True)
     with pytest.raises(CheckpointError, match="bgmv2_mobilenetv2"):
         get_entry("bgmv2_resnet50").official.convert(state)
+    kwargs, converted = get_entry("bgmv2_base_mobilenetv2").official.convert(state)
+    base = get_entry("bgmv2_base_mobilenetv2").build(**kwargs)
+    base.load_state_dict(converted, strict=True)
+    assert isinstance(base, MattingBase) and not isinstance(base, MattingRefine)
+    with pytest.raises(CheckpointError, match="bgmv2_base_mobilenetv2"):
+        get_entry("bgmv2_mobilenetv2").official.convert(base.state_dict())

@@ -16,11 +16,13 @@ from detseg.matting.bgmv2_training import (
     base_loss,
     box_blur,
     build_training_model,
+    initial_model,
     make_evaluate_fn,
     make_loss_fn,
     random_crop,
     refine_loss,
     sobel,
+    train_bgmv2,
 )
 
 
@@ -153,3 +155,39 @@ def test_overfits_alphamatting_composites(shared) -> None:
         opt.step()
     print("SAD curve", [round(s, 3) for s in curve])
     assert curve[-1] < 0.6 * curve[0], curve
+
+
+def test_initial_model_from_checkpoints(tmp_path) -> None:
+    refine_file, base_file = tmp_path / "refine.pth", tmp_path / "base.pth"
+    official = MattingRefine("mobilenetv2", refine_kernel_size=1)
+    torch.save(official.state_dict(), refine_file)
+    torch.save(MattingBase("mobilenetv2").state_dict(), base_file)
+    base, kwargs = initial_model("bgmv2_base_mobilenetv2", refine_file)
+    assert type(base) is MattingBase and kwargs == {}
+    torch.testing.assert_close(base.decoder.conv4.bias, official.decoder.conv4.bias)
+    refine, kwargs = initial_model("bgmv2_mobilenetv2", refine_file)
+    assert refine.refiner.kernel_size == 1 and kwargs["refine_kernel_size"] == 1
+    torch.testing.assert_close(refine.refiner.conv4.bias, official.refiner.conv4.bias)
+    refine, kwargs = initial_model("bgmv2_mobilenetv2", base_file)
+    assert refine.refiner.kernel_size == 3 and kwargs["refine_threshold"] == 0.7
+    with pytest.raises(DetsegError, match="not resnet50"):
+        initial_model("bgmv2_resnet50", base_file)
+    with pytest.raises(DetsegError, match="not a bgmv2 model"):
+        initial_model("gfm_r34")
+
+
+def test_train_bgmv2_two_stages(shared, tmp_path) -> None:
+    pytest.importorskip("detseg.engine.trainer")
+    data, backgrounds = shared / "data" / "alphamatting", shared / "data" / "bgm_pairs"
+    common = {"data": data, "backgrounds": backgrounds, "val_data": data, "val_limit": 2}
+    common |= {"batch_size": 2, "size": 32, "max_side": 64, "device": "cpu", "progress": False}
+    first = train_bgmv2(model="bgmv2_base_mobilenetv2", out_dir=tmp_path / "a", steps=2, **common)
+    assert first["steps"] == 2 and first["best_SAD"] > 0
+    second = train_bgmv2(
+        model="bgmv2_mobilenetv2",
+        out_dir=tmp_path / "b",
+        steps=1,
+        weights=tmp_path / "a" / "last.safetensors",
+        **common,
+    )
+    assert second["steps"] == 1 and (tmp_path / "b" / "last.safetensors").is_file()
