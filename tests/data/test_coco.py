@@ -199,3 +199,15 @@ def test_shared_balloon_and_coco128(shared: Path) -> None:
     gt = read_coco(need(shared / "data/cocoeval_reference/gt.json"))
     crowds = {a.id for im in gt.images for a in im.annotations if a.iscrowd}
     assert crowds == {38, 514, 911}
+
+
+def test_convert_balloon_via_to_coco(shared: Path, tmp_path: Path) -> None:
+    src = need(shared / "data/balloon/val")
+    convert(src, tmp_path / "balloon_val.json", to="coco", class_name="balloon")
+    back = read_coco(tmp_path / "balloon_val.json")
+    assert (len(back.images), sum(len(i.annotations) for i in back.images)) == (13, 50)
+    assert back.class_names == ("balloon",) and back.images[0].path.is_file()
+    via = read_dataset(src, class_name="balloon")
+    for a, b in zip(via.images[0].annotations, back.images[0].annotations, strict=True):
+        assert a.segmentation == b.segmentation and a.area == b.area
+        np.testing.assert_allclose(a.box, b.box, atol=0.01)

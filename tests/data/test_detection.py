@@ -67,3 +67,12 @@ def test_train_augmentation_keeps_boxes_on_masks(shared: Path) -> None:
         )
         flipped |= not np.isclose(target["boxes"][:, 0].numpy(), first, atol=1.5).any()
     assert len(sizes) > 1 and flipped
+
+
+def test_coco128_masks_follow_boxes(shared: Path) -> None:
+    ds = DetectionDataset(need(shared / "data/coco128"), max_size=320, masks=True)
+    image, target = ds[0]
+    assert image.shape[0] == 3 and max(image.shape[1:]) == 320
+    assert len(target["boxes"]) == len(ds.dataset.images[0].annotations) > 0
+    for box, mask in zip(target["boxes"], target["masks"], strict=True):
+        assert np.abs(np.array(_mask_extent(mask)) - box.numpy()).max() <= 2.5
