@@ -21,7 +21,7 @@ from detseg.checkpoint import CheckpointMeta
 from detseg.data.images import read_image
 from detseg.engine.trainer import TrainConfig, Trainer
 from detseg.matting.composite import RSSNConfig, alpha_composite, estimate_foreground
-from detseg.matting.gfm import GFM
+from detseg.matting.gfm import GFM, RAW_RGB
 from detseg.matting.gfm_training import RSSNMattingDataset, make_evaluate_fn, make_loss_fn
 from detseg.matting.metrics import read_matte
 
@@ -82,7 +82,9 @@ def main() -> None:
         evaluate_fn=make_evaluate_fn(evals, alphas),
         primary_metric="SAD",
         higher_is_better=False,
-        meta=CheckpointMeta(model="gfm_r34", kwargs={"backbone": "r34", "rosta": "TT"}),
+        meta=CheckpointMeta(
+            model="gfm_r34", kwargs={"backbone": "r34", "rosta": "TT"}, preprocess=dict(RAW_RGB)
+        ),
     )
     history = trainer.fit(progress=False)
     print("| step | SAD | MSE | MAD |")

@@ -33,6 +33,13 @@ from detseg.registry import OfficialFormat, register_model
 BACKBONES = ("r34", "r34_2b", "d121", "r101")
 ROSTAS = ("TT", "FT", "BT", "RIM")
 GLANCE_CHANNELS = {"TT": 3, "FT": 2, "BT": 2}
+# GFM sees raw RGB values in 0..255 (no mean/std), in training and at test time.
+RAW_RGB = {
+    "channel_order": "RGB",
+    "mean": (0.0, 0.0, 0.0),
+    "std": (1.0, 1.0, 1.0),
+    "post_scale": 1.0,
+}
 
 
 def _conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> list[nn.Module]:
@@ -393,14 +400,18 @@ def convert_official(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str
     return kwargs, state
 
 
-def _official(rosta: str) -> OfficialFormat:
+def _official(backbone: str, rosta: str) -> OfficialFormat:
     def convert(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
         kwargs, converted = convert_official(dict(state))
         if kwargs["rosta"] == "FT" and rosta in ("FT", "BT"):
             kwargs["rosta"] = rosta
         return kwargs, converted
 
-    return OfficialFormat(f"JizhiziLi/GFM models/pretrained/gfm_*_{rosta.lower()}.pth", convert)
+    return OfficialFormat(
+        f"JizhiziLi/GFM models/pretrained/gfm_{backbone}_{rosta.lower()}.pth (raw RGB 0..255 input)",
+        convert,
+        preprocess=lambda kwargs: dict(RAW_RGB),
+    )
 
 
 def _register(name: str, backbone: str, rosta: str, summary: str) -> None:
@@ -413,7 +424,7 @@ def _register(name: str, backbone: str, rosta: str, summary: str) -> None:
         task="matting",
         summary=summary,
         defaults={"backbone": backbone, "rosta": rosta},
-        official=_official(rosta),
+        official=_official(backbone, rosta),
     )(build)
 
 
