@@ -148,3 +148,11 @@ def test_table_and_pr_plot(tmp_path: Path) -> None:
     ev.plot_pr(tmp_path / "pr.png")
     assert (tmp_path / "pr.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_no_detections_scores_zero_not_a_crash() -> None:
+    gt, _ = synthetic_coco(5, 1)
+    for iou_type in ("bbox", "segm"):
+        gt_t = synthetic_coco(5, 1, segm=True)[0] if iou_type == "segm" else gt
+        stats = run_coco_eval(gt_t, [], iou_type).stats
+        assert stats == [0.0] * 12
