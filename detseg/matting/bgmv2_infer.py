@@ -13,6 +13,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from detseg.data.images import list_images, read_image, write_image
 from detseg.data.video import VideoWriter, is_video, read_frames, video_info
 from detseg.errors import DetsegError
-from detseg.matting.bgmv2 import MattingRefine
+from detseg.matting.bgmv2 import MattingBase, MattingRefine
 
 OUTPUTS = ("com", "pha", "fgr", "err", "ref")
 VIDEO_GREEN = (120, 255, 155)
@@ -304,3 +305,49 @@ def _run_writers(
                 writers[kind].write(frame)
             if progress is not None:
                 progress(n, total)
+
+
+def matte(
+    model: str,
+    source: str | Path,
+    bgr: str | Path,
+    out_dir: str | Path,
+    weights: str | Path | None = None,
+    outputs: Sequence[str] = OUTPUTS,
+    background: str | None = None,
+    resize_bgr: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    **model_kwargs: Any,
+) -> list[Path]:
+    """``detseg matte SRC --bgr PLATE --model NAME [--weights W] -o OUT``: load, run, write.
+
+    Args:
+        model: a registered bgmv2 model (``bgmv2_<backbone>`` or ``bgmv2_base_<backbone>``).
+        weights: our checkpoint or an official ``.pth``; None = random initialisation.
+        background: ``--background`` text (colour or image path, see ``parse_background``).
+        model_kwargs: constructor overrides, e.g. ``refine_mode="full"``.
+        The rest as ``matte_files``; ``progress`` shows a bar over images or frames on stderr.
+    """
+    from detseg.api import load_model
+    from detseg.engine.progress import count_progress
+
+    loaded = load_model(model, weights=weights, device=device, **model_kwargs)
+    if loaded.task != "matting" or not isinstance(loaded.model, MattingBase):
+        raise DetsegError(
+            f"`detseg matte` runs BackgroundMattingV2 models (bgmv2_*), not {model!r}."
+        )
+    video = is_video(source)
+    total = video_info(source).frames if video else len(list_images(source))
+    with count_progress(total, "frames" if video else "images", enabled=progress) as advance:
+        return matte_files(
+            loaded.model,
+            source,
+            bgr,
+            out_dir,
+            outputs,
+            parse_background(background),
+            resize_bgr,
+            loaded.device,
+            lambda done, total: advance(1),
+        )

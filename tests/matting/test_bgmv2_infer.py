@@ -17,6 +17,7 @@ from detseg.matting.bgmv2_infer import (
     OUTPUTS,
     composite,
     fuse_batchnorm,
+    matte,
     matte_files,
     matte_pair,
     parse_background,
@@ -146,3 +147,25 @@ def test_fuse_batchnorm_keeps_outputs(backbone: str) -> None:
     with torch.no_grad():
         for a, b in zip(model(src, bgr), fused(src, bgr), strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_matte_command_with_official_checkpoint(bgm_pair, tmp_path) -> None:
+    src, bgr = bgm_pair
+    weights = tmp_path / "official.pth"
+    torch.save(MattingRefine("mobilenetv2", refine_kernel_size=1).state_dict(), weights)
+    written = matte(
+        "bgmv2_mobilenetv2",
+        src,
+        bgr,
+        tmp_path / "out",
+        weights=weights,
+        device="cpu",
+        outputs=("com", "ref"),
+        background="#00ff00",
+        progress=False,
+        refine_sample_pixels=640,
+    )
+    com = read_image(written[0])
+    assert com.shape == (90, 162, 3) and (tmp_path / "out" / "ref" / "0001_img.png").is_file()
+    with pytest.raises(DetsegError, match="use --model bgmv2_mobilenetv2"):
+        matte("bgmv2_resnet50", src, bgr, tmp_path / "o2", weights=weights, progress=False)
