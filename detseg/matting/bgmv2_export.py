@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from detseg.errors import DetsegError
 from detseg.fileio import atomic_output
-from detseg.matting.bgmv2 import MattingRefine
+from detseg.matting.bgmv2 import MattingBase, MattingRefine
 
 REFINE_OUTPUTS = ("pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm")
 BASE_OUTPUTS = ("pha", "fgr", "err", "hid")
@@ -101,4 +102,32 @@ def check_onnx(model: nn.Module, path: str | Path, size: tuple[int, int]) -> dic
     return {
         n: float(np.abs(o - r.numpy()).max()) if o.shape == tuple(r.shape) else float("inf")
         for n, o, r in zip(names, outputs, reference, strict=True)
+    }
+
+
+def export(
+    model: str,
+    path: str | Path,
+    weights: str | Path | None = None,
+    height: int = 1080,
+    width: int = 1920,
+    opset: int = 17,
+    check: bool = True,
+    **model_kwargs: Any,
+) -> dict[str, Any]:
+    """``detseg export --format onnx --model bgmv2_... [--weights W] -o PATH``.
+
+    ``model_kwargs`` pick the graph's constants (``refine_mode``, ``backbone_scale``,
+    ``refine_sample_pixels``, ``refine_threshold``). Returns ``{"path", "size", "max_abs_diff"}``.
+    """
+    from detseg.api import load_model
+
+    loaded = load_model(model, weights=weights, device="cpu", **model_kwargs)
+    if not isinstance(loaded.model, MattingBase):
+        raise DetsegError(f"{model!r} is not a BackgroundMattingV2 model.")
+    diffs = export_onnx(loaded.model, path, height, width, opset, check)
+    return {
+        "path": str(path),
+        "size": list(export_size(loaded.model, height, width)),
+        "max_abs_diff": diffs,
     }

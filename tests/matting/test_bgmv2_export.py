@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from detseg.matting.bgmv2 import MattingBase, MattingRefine
-from detseg.matting.bgmv2_export import check_onnx, export_onnx, export_size
+from detseg.matting.bgmv2_export import check_onnx, export, export_onnx, export_size
 
 pytest.importorskip("onnxruntime")
 
@@ -40,3 +41,18 @@ def test_sampling_export_size_has_k_cells() -> None:
     h, w = export_size(model, 270, 481)
     assert h % 4 == 0 and w % 4 == 0 and h * w >= 80_000
     assert export_size(MattingBase("mobilenetv2"), 1080, 1920) == (1080, 1920)
+
+
+def test_export_command_with_official_weights(tmp_path) -> None:
+    weights = tmp_path / "official.pth"
+    torch.save(MattingRefine("mobilenetv2").state_dict(), weights)
+    out = export(
+        "bgmv2_mobilenetv2",
+        tmp_path / "m.onnx",
+        weights=weights,
+        height=40,
+        width=60,
+        refine_mode="thresholding",
+        refine_threshold=0.0,
+    )
+    assert out["size"] == [40, 60] and max(out["max_abs_diff"].values()) < 1e-4
