@@ -708,11 +708,12 @@ class FCOS(nn.Module):
         """
         state, _ = read_state_dict(path)
         kwargs, converted = convert_checkpoint(state)
-        name = Path(path).name.lower()
-        kwargs["variant"] = "imprv" if "imprv" in name or "centeronreg" in name else "plain"
+        stem = Path(path).name.lower()
+        kwargs["variant"] = "imprv" if "imprv" in stem or "centeronreg" in stem else "plain"
         kwargs.update(overrides)
         model = cls(**kwargs)
-        load_state_dict_strict(model, converted, str(path), "fcos")
+        name = "fcos_mnv2_fpn" if kwargs["backbone"] == "mobilenet_v2" else "fcos_r50_fpn"
+        load_state_dict_strict(model, converted, str(path), name)
         return model.eval()
 
     @classmethod
@@ -737,7 +738,7 @@ class FCOS(nn.Module):
             **overrides,
         }
         model = cls(**kwargs)
-        load_state_dict_strict(model, converted, "torchvision FCOS", "fcos")
+        load_state_dict_strict(model, converted, "torchvision FCOS", "fcos_r50_fpn")
         return model.eval()
 
 
@@ -846,20 +847,31 @@ def _official_preprocess(kwargs: dict[str, Any]) -> dict[str, Any]:
     return dict(OFFICIAL_PREPROCESS)
 
 
-_OFFICIAL = OfficialFormat(
-    description="FCOS authors' .pth (tianzhi0549/FCOS, weights under 'model') or mmdetection FCOS",
-    convert=convert_checkpoint,
-    preprocess=_official_preprocess,
-)
+def _official_format(backbone: str) -> OfficialFormat:
+    def convert(state: Mapping[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        kwargs, converted = convert_checkpoint(state)
+        if kwargs["backbone"] != backbone:
+            other = "fcos_mnv2_fpn" if kwargs["backbone"] == "mobilenet_v2" else "fcos_r50_fpn"
+            raise CheckpointError(
+                f"this FCOS checkpoint has a {kwargs['backbone']} backbone; load it as {other}."
+            )
+        return kwargs, converted
+
+    return OfficialFormat(
+        description="FCOS authors' .pth (tianzhi0549/FCOS, weights under 'model') or "
+        "mmdetection FCOS; pass variant='imprv' for the imprv models",
+        convert=convert,
+        preprocess=_official_preprocess,
+    )
 
 
-@register_model("fcos_r50_fpn", task="detection", official=_OFFICIAL)
+@register_model("fcos_r50_fpn", task="detection", official=_official_format("resnet50"))
 def fcos_r50_fpn(**kwargs: Any) -> FCOS:
     """FCOS with a ResNet-50 FPN (P3-P7, 256 channels); variant plain or imprv."""
     return FCOS(**{"backbone": "resnet50", "out_channels": 256, **kwargs})
 
 
-@register_model("fcos_mnv2_fpn", task="detection", official=_OFFICIAL)
+@register_model("fcos_mnv2_fpn", task="detection", official=_official_format("mobilenet_v2"))
 def fcos_mnv2_fpn(**kwargs: Any) -> FCOS:
     """FCOS with a light MobileNetV2 FPN (P3-P7, 128 channels, official c128 MNV2 config)."""
     return FCOS(**{"backbone": "mobilenet_v2", "out_channels": 128, **kwargs})

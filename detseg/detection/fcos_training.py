@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from detseg.data.detection import DetectionDataset
+from detseg.detection.coco_eval import evaluate_detections
 from detseg.detection.fcos import FCOS
 from detseg.results import Detections
 
@@ -69,16 +71,14 @@ def fcos_predict(
     return model.postprocess(outputs, sizes, original_sizes, tuple(batch["images"].shape[-2:]))
 
 
-def make_evaluate_fn(
-    dataset: Dataset,
-    metric: Callable[[list[Detections], list[dict[str, Any]]], dict[str, float]],
-    batch_size: int = 2,
-    num_workers: int = 0,
+def fcos_evaluate_fn(
+    dataset: DetectionDataset, batch_size: int = 2, num_workers: int = 0
 ) -> Callable[[FCOS], dict[str, float]]:
-    """``evaluate_fn(model)`` predicting every item of ``dataset`` and scoring with ``metric``.
+    """``evaluate_fn(model)`` for the Trainer: COCO box AP of ``model`` on ``dataset``.
 
-    ``metric(detections, targets)`` gets one ``Detections`` and one target dict per image, in
-    dataset order, boxes in the same (preprocessed) pixels; e.g. a COCO-AP evaluator.
+    Predicts every item in order (eval mode, as the Trainer calls it), maps the boxes back to the
+    original image pixels (``target["orig_size"]``) and scores them with
+    ``detseg.detection.coco_eval.evaluate_detections``. Returns {"AP", "AP50", "AP75"}.
     """
 
     def evaluate(model: FCOS) -> dict[str, float]:
@@ -87,11 +87,11 @@ def make_evaluate_fn(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_detection
         )
         detections: list[Detections] = []
-        targets: list[dict[str, Any]] = []
         for batch in loader:
             batch["images"] = batch["images"].to(device)
-            detections += fcos_predict(model, batch)
-            targets += batch["targets"]
-        return metric(detections, targets)
+            original = [tuple(t["orig_size"]) for t in batch["targets"]]
+            detections += fcos_predict(model, batch, original)
+        stats = evaluate_detections(dataset.dataset, detections).stats
+        return {"AP": stats[0], "AP50": stats[1], "AP75": stats[2]}
 
     return evaluate
