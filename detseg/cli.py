@@ -172,6 +172,7 @@ def train_cmd(
         device=device,
         seed=seed,
         num_workers=workers,
+        model_kwargs=_parse_model_args(model_arg),
         progress=not as_json,
     )
     if as_json:
