@@ -286,10 +286,12 @@ class Refiner(nn.Module):
         h, w = src.shape[-2:]
         half, quarter = (h // 2, w // 2), (h // 4, w // 4)
         src_bgr = torch.cat([src, bgr], dim=1)
-        x = _resize(torch.cat([hid, pha, fgr], dim=1), half)
-        y = _resize(src_bgr, half)
+        # 42 channels at half resolution: hid, pha, fgr residual, then src and bgr.
+        xy = torch.cat(
+            [_resize(torch.cat([hid, pha, fgr], dim=1), half), _resize(src_bgr, half)], 1
+        )
         if self.mode == "full":
-            out = self._refine_full(x, y, src_bgr)
+            out = self._refine_full(xy, src_bgr)
             ref = torch.ones((src.shape[0], 1, *quarter), dtype=src.dtype, device=src.device)
         else:
             ref = self.select(_resize(err, quarter))
@@ -298,21 +300,21 @@ class Refiner(nn.Module):
             if not self.training or cells.shape[0] > 0:
                 # In eval an empty selection runs through as empty tensors (a static graph for
                 # export); training BatchNorm cannot take an empty batch.
-                out = _paste(out, cells, self._refine_cells(x, y, src_bgr, cells))
+                out = _paste(out, cells, self._refine_cells(xy, src_bgr, cells))
         return out[:, 0:1], out[:, 1:4], ref
 
-    def _refine_full(self, x: Tensor, y: Tensor, src_bgr: Tensor) -> Tensor:
+    def _refine_full(self, xy: Tensor, src_bgr: Tensor) -> Tensor:
         p = 3 if self.kernel_size == 3 else 0
-        x = self._stage1(F.pad(torch.cat([x, y], dim=1), (p, p, p, p)))
+        x = self._stage1(F.pad(xy, (p, p, p, p)))
         h, w = src_bgr.shape[-2:]
         q = 2 if self.kernel_size == 3 else 0
         x = F.interpolate(x, size=(h + 2 * q, w + 2 * q), mode="nearest")
         return self._stage2(torch.cat([x, F.pad(src_bgr, (q, q, q, q))], dim=1))
 
-    def _refine_cells(self, x: Tensor, y: Tensor, src_bgr: Tensor, cells: Tensor) -> Tensor:
+    def _refine_cells(self, xy: Tensor, src_bgr: Tensor, cells: Tensor) -> Tensor:
         """(P, 4, 4, 4) refined [alpha, fgr residual] for each cell (b, i, j) of ``cells``."""
         p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
-        x = self._stage1(torch.cat([_crop(x, cells, 2, p), _crop(y, cells, 2, p)], dim=1))
+        x = self._stage1(_crop(xy, cells, 2, p))
         x = F.interpolate(x, size=(4 + 2 * q, 4 + 2 * q), mode="nearest")
         return self._stage2(torch.cat([x, _crop(src_bgr, cells, 4, q)], dim=1))
 

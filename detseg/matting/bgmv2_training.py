@@ -1,12 +1,12 @@
 """Training BackgroundMattingV2: on-the-fly composites with the official augmentations, losses, SAD.
 
 Two stages as in the official scripts (``shared/specs/bgmv2.md`` section 5): ``MattingBase`` first,
-then ``MattingRefine`` initialised from it (``refine_from_base``). The pieces plug into
-``detseg.engine.trainer.Trainer``:
+then ``MattingRefine`` initialised from it (``initial_model``). ``train_bgmv2`` runs a stage on
+``detseg.engine.trainer.Trainer`` with these pieces:
 
 - ``MattingPairs``: foreground + alpha + background items with the per-sample augmentations
   (cover-scaled random affine, flip, box blur, sharpen, colour jitter); default collate works.
-- ``loss_fn(model, batch)``: per-batch random crop, then the per-batch augmentations (shadow,
+- ``make_loss_fn(crop)`` -> ``loss_fn(model, batch)``: per-batch random crop, then the per-batch augmentations (shadow,
   compositing, noise, background colour jitter and misalignment), the forward pass and the loss of
   the model's stage (base or refine).
 - ``make_evaluate_fn(val_set)``: clean composites, alpha SAD (sum |d| / 1000 per image), MSE, loss.
@@ -538,7 +538,7 @@ def train_bgmv2(
     [size/2, size)); stage two trains ``bgmv2_<backbone>`` from stage one's checkpoint
     (``weights``). ``data`` holds fgr/ + pha/ (or input/ + alpha/), ``backgrounds`` any images;
     ``val_data`` (same layout) is scored by alpha SAD (lower is better) on clean composites.
-    Adam-like AdamW without weight decay and a constant LR, as the official scripts (which use
+    AdamW without weight decay (= Adam) and a constant LR, as the official scripts (which use
     per-module LRs; the trainer has one).
     """
     from detseg.checkpoint import CheckpointMeta
