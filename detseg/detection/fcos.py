@@ -634,15 +634,15 @@ class FCOS(nn.Module):
         ``targets[i]``: ``boxes`` (G, 4) continuous xyxy input pixels, ``labels`` (G,) 0..K-1.
         Returns {"cls", "reg", "ctr"} scalars; their sum is the official total.
         """
-        cls, reg, ctr = self.split_outputs(outputs)
+        # float32 throughout: locations and the losses lose too much in half precision.
+        cls, reg, ctr = self.split_outputs([o.float() for o in outputs])
         sizes = [tuple(c.shape[-2:]) for c in cls]
-        locs = compute_locations(
-            sizes, FPN_STRIDES, self.convention, input_size, cls[0].device, reg[0].dtype
-        )
+        strides = self.head.fpn_strides
+        locs = compute_locations(sizes, strides, self.convention, input_size, cls[0].device)
         official = self.convention == "official"
         assigned = []
         for t in targets:
-            boxes = t["boxes"].to(reg[0].dtype)
+            boxes = t["boxes"].float()
             if official:  # continuous -> the official inclusive boxes (x2 = x + w - 1)
                 boxes = torch.cat((boxes[:, :2], boxes[:, 2:] - 1), dim=1)
             assigned.append(self.targets.assign(locs, boxes, t["labels"].long() + 1))
@@ -685,7 +685,9 @@ class FCOS(nn.Module):
             original_sizes: (h, w) to rescale the boxes to (default: ``image_sizes``).
             input_size: padded (H, W), needed only by the torchvision convention (default: P3 * 8).
         """
-        cls, reg, ctr = self.split_outputs(outputs)
+        if self.training and self.head.norm_reg_targets:
+            raise RuntimeError("postprocess needs eval-mode outputs (pixels): call model.eval()")
+        cls, reg, ctr = self.split_outputs([o.float() for o in outputs])
         results = self.postprocessor.select(cls, reg, ctr, image_sizes, input_size)
         out = []
         for i, (boxes, scores, labels) in enumerate(results):
