@@ -125,6 +125,9 @@ class _Pieces:
             self.masks.extend((m, x0, y0) for m in det.masks)
 
 
+_BLOCK_ROWS = 256  # rows of the match matrix computed at once: memory O(256 * N), not O(N^2)
+
+
 def _metric(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return box_ios(a, b) if kind == "ios" else box_iou(a, b).nan_to_num(0.0)
 
@@ -132,6 +135,22 @@ def _metric(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _rank(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Indices by score, best first; ties broken by x1, y1, x2, y2 (SAHI's order)."""
     return np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], -scores))
+
+
+def _later_matches(boxes: torch.Tensor, kind: str, thr: float) -> tuple[np.ndarray, np.ndarray]:
+    """For boxes in rank order, the lower-ranked boxes each one matches, as CSR arrays
+    ``(indptr (n + 1,), indices)``: ``indices[indptr[i]:indptr[i + 1]]`` ascending, all > i."""
+    n = len(boxes)
+    rows, cols = [], []
+    for s in range(0, n, _BLOCK_ROWS):
+        e = min(s + _BLOCK_ROWS, n)
+        hit = _metric(kind, boxes[s:e], boxes[s:]) >= thr  # (e - s, n - s)
+        hit &= torch.arange(s, n)[None, :] > torch.arange(s, e)[:, None]
+        r, c = torch.nonzero(hit, as_tuple=True)
+        rows.append(r.numpy() + s)
+        cols.append(c.numpy() + s)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return np.concatenate(([0], np.cumsum(np.bincount(r, minlength=n)))), c
 
 
 def _greedy_groups(
@@ -146,31 +165,45 @@ def _greedy_groups(
     groups = []
     for cls in [None] if cfg.class_agnostic else np.unique(lab).tolist():
         idx = order if cls is None else order[lab == cls]
-        t = torch.from_numpy(idx)
-        match = (_metric(cfg.match, b64[t], b64[t]) >= cfg.match_threshold).numpy()
+        indptr, later = _later_matches(b64[torch.from_numpy(idx)], cfg.match, cfg.match_threshold)
         free = np.ones(len(idx), dtype=bool)
         for i in range(len(idx)):
             if free[i]:
-                later = np.flatnonzero(match[i, i + 1 :] & free[i + 1 :]) + i + 1
-                free[later] = False
-                groups.append([int(idx[i]), *idx[later].tolist()])
+                taken = later[indptr[i] : indptr[i + 1]]
+                taken = taken[free[taken]]
+                free[taken] = False
+                groups.append([int(idx[i]), *idx[taken].tolist()])
     position = np.empty(len(order), np.int64)
     position[order] = np.arange(len(order))
     return sorted(groups, key=lambda g: position[g[0]])
 
 
+def _pair_metric(kind: str, a: list[float], b: list[float]) -> float:
+    """IoU or IoS of two xyxy boxes (plain floats: called once per merge candidate)."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = iw * ih if iw > 0 and ih > 0 else 0.0
+    area_a = max(a[2] - a[0], 0.0) * max(a[3] - a[1], 0.0)
+    area_b = max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+    denom = min(area_a, area_b) if kind == "ios" else area_a + area_b - inter
+    return inter / denom if denom > 0 else 0.0
+
+
 def _merge_group(
-    boxes: np.ndarray, members: list[int], kind: str, thr: float
-) -> tuple[np.ndarray, list[int]]:
+    boxes: list[list[float]], members: list[int], kind: str, thr: float
+) -> tuple[list[float], list[int]]:
     """Fold the members into the keeper's box one by one (union box), each only if it still
     matches the merged box, as SAHI's greedy NMM does. Returns the box and the merged members."""
-    box, merged = boxes[members[0]].copy(), [members[0]]
+    box, merged = list(boxes[members[0]]), [members[0]]
     for j in members[1:]:
-        pair = torch.from_numpy(np.stack((box, boxes[j])))
-        if float(_metric(kind, pair[:1], pair[1:])[0, 0]) >= thr:
-            box = np.concatenate(
-                (np.minimum(box[:2], boxes[j, :2]), np.maximum(box[2:], boxes[j, 2:]))
-            )
+        other = boxes[j]
+        if _pair_metric(kind, box, other) >= thr:
+            box = [
+                min(box[0], other[0]),
+                min(box[1], other[1]),
+                max(box[2], other[2]),
+                max(box[3], other[3]),
+            ]
             merged.append(j)
     return box, merged
 
@@ -198,9 +231,9 @@ def merge_detections(
     keepers = torch.tensor([g[0] for g in groups], dtype=torch.int64)
     if cfg.merge == "nms":
         return boxes[keepers].float(), scores[keepers], labels[keepers], [[g[0]] for g in groups]
-    b64 = boxes.to(torch.float64).numpy()
-    merged = [_merge_group(b64, g, cfg.match, cfg.match_threshold) for g in groups]
-    out = torch.from_numpy(np.stack([m[0] for m in merged]).reshape(-1, 4)).float()
+    as_lists = boxes.to(torch.float64).tolist()
+    merged = [_merge_group(as_lists, g, cfg.match, cfg.match_threshold) for g in groups]
+    out = torch.tensor([m[0] for m in merged], dtype=torch.float64).reshape(-1, 4).float()
     return out, scores[keepers], labels[keepers], [m[1] for m in merged]
 
 
