@@ -202,3 +202,78 @@ def test_batched_detector_resizes_pads_and_maps_back() -> None:
     out = detect([big, small])
     assert model.sizes == [(50, 100), (40, 50)] and model.batch_shape == (2, 3, 64, 128)
     assert out[0].boxes.tolist() == [[0, 0, 300, 150]] and out[1].boxes.tolist() == [[0, 0, 50, 40]]
+
+
+def _reference_merge(boxes: list, scores: list, labels: list, kind: str, thr: float, nmm: bool):  # noqa: ANN202
+    """Plain-Python greedy NMS/NMM (SAHI's rules), an independent reference."""
+
+    def metric(a: list, b: list) -> float:
+        iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+        inter = max(iw, 0) * max(ih, 0)
+        area = [(q[2] - q[0]) * (q[3] - q[1]) for q in (a, b)]
+        den = min(area) if kind == "ios" else sum(area) - inter
+        return inter / den if den > 0 else 0.0
+
+    order = sorted(range(len(boxes)), key=lambda i: (-scores[i], *boxes[i]))
+    done, out = set(), []
+    for i in order:
+        if i in done:
+            continue
+        done.add(i)
+        group = [
+            j
+            for j in order
+            if j not in done and labels[j] == labels[i] and metric(boxes[i], boxes[j]) >= thr
+        ]
+        done.update(group)
+        box = list(boxes[i])
+        for j in group if nmm else []:
+            if metric(box, boxes[j]) >= thr:
+                box = [
+                    min(box[0], boxes[j][0]),
+                    min(box[1], boxes[j][1]),
+                    max(box[2], boxes[j][2]),
+                    max(box[3], boxes[j][3]),
+                ]
+        out.append((box, scores[i], labels[i]))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 40),
+            st.integers(0, 40),
+            st.integers(1, 25),
+            st.integers(1, 25),
+            st.integers(1, 9),
+            st.integers(0, 1),
+        ),
+        max_size=40,
+    ),
+    st.sampled_from([("nms", "ios"), ("nmm", "iou"), ("nmm", "ios")]),  # nms+iou: torchvision
+)
+def test_merge_matches_plain_reference(rows: list, method: tuple[str, str]) -> None:
+    import detseg.detection.sliced as sliced
+
+    sliced._BLOCK_ROWS, saved = 7, sliced._BLOCK_ROWS  # several blocks, unaligned
+    try:
+        boxes = [[float(x), float(y), float(x + w), float(y + h)] for x, y, w, h, _, _ in rows]
+        scores = [s / 10 for *_, s, _ in rows]
+        labels = [c for *_, c in rows]
+        merge, match = method
+        cfg = SliceConfig(merge=merge, match=match, match_threshold=0.5)
+        b, s, lab, _ = merge_detections(
+            torch.tensor(boxes).reshape(-1, 4),
+            torch.tensor(scores),
+            torch.tensor(labels, dtype=torch.int64),
+            cfg,
+        )
+        ref = _reference_merge(boxes, scores, labels, match, 0.5, merge == "nmm")
+        ours = list(zip(b.tolist(), s.tolist(), lab.tolist(), strict=True))
+        assert len(ours) == len(ref)
+        for (bo, so, lo), (br, sr, lr) in zip(ours, ref, strict=True):
+            assert bo == br and so == pytest.approx(sr) and lo == lr
+    finally:
+        sliced._BLOCK_ROWS = saved
