@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--backgrounds", nargs="+", default=["GT10", "GT14", "GT19"])
     parser.add_argument("--out", default="runs/gfm_overfit")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     photos = [_load(n) for n in args.images]
     fgs = [estimate_foreground(img, a) for img, a in photos]
     alphas = [a for _, a in photos]
