@@ -45,6 +45,10 @@ def unet_ckpt(tmp_path_factory, shapes):
         "train",
         "--model",
         "unet",
+        "--model-arg",
+        "base_channels=8",
+        "--model-arg",
+        "depth=2",
         "--data",
         str(shapes),
         "--num-classes",
@@ -96,6 +100,13 @@ def test_predict_writes_overlays_and_labels(tmp_path, shapes, unet_ckpt):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["model"] == "unet" and len(payload["images"]) == 2
+    from detseg.api import load_model
+
+    assert load_model(weights=unet_ckpt).kwargs == {
+        "num_classes": 4,
+        "base_channels": 8,
+        "depth": 2,
+    }
     label = np.asarray(Image.open(tmp_path / "0000_label.png"))
     assert label.shape == (32, 32) and label.max() < 4
     assert (tmp_path / "0000_overlay.png").is_file()
