@@ -122,7 +122,8 @@ class CocoEvaluation:
             ax.plot(self.recall_thresholds, p[:, k], lw=1, label=self.class_names[k])
         if valid.any():
             mean = p[:, valid].mean(axis=1)
-            ax.plot(self.recall_thresholds, mean, "k", lw=2.5, label=f"mean (AP{round(iou * 100)})")
+            label = f"class mean: AP{round(iou * 100)} {mean.mean():.3f}"
+            ax.plot(self.recall_thresholds, mean, "k", lw=2.5, label=label)
         ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
         ax.set_title(f"{self.iou_type} precision-recall, IoU {iou:.2f}")
         ax.legend(fontsize=7, loc="lower left")
