@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
-              eps: float = 1.0) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, eps: float = 1.0
+) -> torch.Tensor:
     """Soft multi-class Dice loss, 1 - mean over classes present in the batch.
 
     Args:
@@ -36,8 +37,12 @@ class SegmentationLoss(nn.Module):
         dice_weight: weight of the Dice term (0 disables it).
     """
 
-    def __init__(self, ignore_index: int = 255, class_weights: list[float] | None = None,
-                 dice_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        class_weights: list[float] | None = None,
+        dice_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         self.ignore_index = ignore_index
         self.dice_weight = dice_weight
@@ -48,8 +53,9 @@ class SegmentationLoss(nn.Module):
         """logits (N, C, H, W), target (N, H, W) int64 -> scalar loss."""
         if (target != self.ignore_index).sum() == 0:
             return logits.sum() * 0
-        loss = F.cross_entropy(logits, target, weight=self.class_weights,
-                               ignore_index=self.ignore_index)
+        loss = F.cross_entropy(
+            logits, target, weight=self.class_weights, ignore_index=self.ignore_index
+        )
         if self.dice_weight:
             loss = loss + self.dice_weight * dice_loss(logits, target, self.ignore_index)
         return loss
@@ -59,3 +65,30 @@ def enet_class_weights(label_counts: torch.Tensor, c: float = 1.02) -> list[floa
     """ENet weighting ``1 / ln(c + p_class)`` from (C,) pixel counts."""
     p = label_counts.double() / label_counts.sum().clamp(min=1)
     return (1.0 / torch.log(c + p)).tolist()
+
+
+def semantic_loss(
+    outputs: torch.Tensor | dict[str, torch.Tensor],
+    target: torch.Tensor,
+    criterion: nn.Module,
+    aux_weights: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of a model's training output: a logits tensor, or ``{"out": ..., "<aux>": ...}``.
+
+    Every auxiliary head (any key besides ``"out"``, resized to the label if needed) adds
+    ``aux_weights[key]`` (default 0.4, PSPNet's) times its own loss; the parts are reported by name.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return criterion(outputs, target), {}
+    weights = aux_weights or {}
+    total = torch.zeros((), device=target.device)
+    parts: dict[str, float] = {}
+    for name, logits in outputs.items():
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(
+                logits, size=target.shape[-2:], mode="bilinear", align_corners=False
+            )
+        loss = criterion(logits, target)
+        total = total + (1.0 if name == "out" else weights.get(name, 0.4)) * loss
+        parts[f"loss_{name}"] = float(loss.detach())
+    return total, parts

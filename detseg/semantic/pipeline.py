@@ -19,7 +19,7 @@ from detseg.data.transforms import semantic_train_transform
 from detseg.engine.progress import count_progress
 from detseg.engine.trainer import TrainConfig, Trainer
 from detseg.errors import DetsegError, InputFileError
-from detseg.semantic.losses import SegmentationLoss, enet_class_weights
+from detseg.semantic.losses import SegmentationLoss, enet_class_weights, semantic_loss
 from detseg.semantic.metrics import ConfusionMatrix
 from detseg.semantic.sliding import predict_semantic
 from detseg.semantic.visualize import overlay, palette
@@ -267,7 +267,8 @@ def train_semantic(
 
     def loss_fn(net: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = batch
-        return criterion.to(images.device)(net(images), labels), {}
+        aux_weights = getattr(getattr(net, "module", net), "aux_weights", None)
+        return semantic_loss(net(images), labels, criterion.to(images.device), aux_weights)
 
     def evaluate_fn(net: nn.Module) -> dict[str, float]:
         if val_set is None:

@@ -9,7 +9,7 @@ import torchvision
 from detseg.registry import get_entry
 from detseg.semantic.deeplab import DeepLabV3Plus
 from detseg.semantic.fcn import FCN
-from detseg.semantic.losses import SegmentationLoss, dice_loss
+from detseg.semantic.losses import SegmentationLoss, dice_loss, semantic_loss
 from detseg.semantic.unet import UNet
 
 
@@ -68,3 +68,16 @@ def test_loss_ignores_void_and_dice_is_zero_for_perfect_prediction():
     noisy[0, :, 1, 1] = torch.tensor([100.0, -100.0, -100.0])  # a void pixel: must not matter
     assert torch.allclose(loss(noisy, target), loss(perfect, target))
     assert loss(perfect, torch.full_like(target, 255)) == 0
+
+
+def test_auxiliary_heads_add_weighted_losses():
+    criterion = SegmentationLoss(ignore_index=255)
+    target = torch.randint(0, 3, (2, 8, 8))
+    out, aux = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    total, parts = semantic_loss({"out": out, "aux": aux}, target, criterion, {"aux": 0.4})
+    aux_up = torch.nn.functional.interpolate(aux, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = criterion(out, target) + 0.4 * criterion(aux_up, target)
+    assert torch.allclose(total, expected)
+    assert set(parts) == {"loss_out", "loss_aux"}
+    plain, none = semantic_loss(out, target, criterion)
+    assert torch.allclose(plain, criterion(out, target)) and none == {}
