@@ -16,6 +16,7 @@ RIM loss feeds the FT outputs to the BT term (``rim_bt_uses_ft=True``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -25,11 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from detseg.data.images import list_images, read_image
+from detseg.errors import DetsegError
 from detseg.matting import metrics
 from detseg.matting.composite import (
     RSSNConfig,
     dilate_mask,
     erode_mask,
+    estimate_foreground,
     rssn_composite,
     trimap_from_alpha,
 )
@@ -75,6 +79,39 @@ class RSSNMattingDataset(Dataset):
         self.seed = seed
         self._maps = [_target_maps(a) for a in alphas]
 
+    @classmethod
+    def from_folders(
+        cls,
+        image_dir: str | Path,
+        alpha_dir: str | Path,
+        background_dir: str | Path,
+        foreground_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> RSSNMattingDataset:
+        """Dataset from same-named photos and alphas (+ optional foreground colour files) and a
+        folder of backgrounds; without ``foreground_dir`` the colours are estimated with
+        pymatting's ``estimate_foreground_ml``. ``kwargs`` go to the constructor.
+        """
+        photos = _by_stem(image_dir)
+        alphas = _by_stem(alpha_dir)
+        missing = sorted(set(photos) - set(alphas))
+        if missing:
+            raise DetsegError(
+                f"{len(missing)} photo(s) have no same-named alpha, e.g. {missing[0]}."
+            )
+        names = sorted(photos)
+        alpha_maps = [metrics.read_matte(alphas[n]) for n in names]
+        if foreground_dir is not None:
+            fgs = _by_stem(foreground_dir)
+            foregrounds = [read_image(fgs[n]) for n in names]
+        else:
+            foregrounds = [
+                estimate_foreground(read_image(photos[n]), a)
+                for n, a in zip(names, alpha_maps, strict=True)
+            ]
+        backgrounds = [read_image(p) for p in list_images(background_dir)]
+        return cls(foregrounds, alpha_maps, backgrounds, **kwargs)
+
     def __len__(self) -> int:
         return self.length
 
@@ -115,6 +152,13 @@ class RSSNMattingDataset(Dataset):
             i = int(rng.integers(ys.size))
             return int(ys[i]), int(xs[i]), side
         return int(rng.integers(h - side)), int(rng.integers(w - side)), side
+
+
+def _by_stem(folder: str | Path) -> dict[str, Path]:
+    files = {p.stem: p for p in list_images(folder)}
+    if not files:
+        raise DetsegError(f"{folder} holds no images.")
+    return files
 
 
 def _target_maps(alpha: np.ndarray) -> dict[str, np.ndarray]:
@@ -246,22 +290,29 @@ def make_loss_fn(rosta: str = "TT") -> Callable[[nn.Module, Any], tuple[Tensor, 
 
 
 def make_evaluate_fn(
-    images: Sequence[np.ndarray], alphas: Sequence[np.ndarray]
+    images: Sequence[np.ndarray], alphas: Sequence[np.ndarray], strategy: str | None = None
 ) -> Callable[[nn.Module], dict[str, float]]:
-    """``evaluate_fn(model)``: mean SAD / MSE / MAD (GFM convention) of the network's fusion.
+    """``evaluate_fn(model)``: mean SAD / MSE / MAD (GFM convention) of the predicted alpha.
 
-    ``images`` (H, W, 3) uint8 and ``alphas`` (H, W) uint8 with H, W multiples of 32 (fed at
-    their own size, raw 0..255 like the official training input). The trainer calls it in eval
-    mode under ``no_grad``.
+    ``images`` (H, W, 3) uint8 and ``alphas`` (H, W) uint8. With ``strategy=None`` each image is
+    fed at its own size (H, W multiples of 32, raw 0..255 like the training input) and the
+    network's fusion is scored; otherwise ``gfm_infer.infer_gfm`` runs that test strategy
+    (``"hybrid"`` / ``"resize"``) at any size. The trainer calls it in eval mode under ``no_grad``.
     """
+    from detseg.matting.gfm_infer import infer_gfm
+
+    def predict(model: nn.Module, image: np.ndarray) -> np.ndarray:
+        if strategy is not None:
+            return infer_gfm(model, image, strategy)["alpha"]
+        device = next(model.parameters()).device
+        x = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))[None].to(device)
+        outs = model(x)
+        return (outs[9] if len(outs) == 10 else outs[2])[0, 0].double().cpu().numpy()
 
     def evaluate_fn(model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
         scores = []
         for image, alpha in zip(images, alphas, strict=True):
-            x = torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))[None].to(device)
-            outs = model(x)
-            pred = (outs[9] if len(outs) == 10 else outs[2])[0, 0].double().cpu().numpy()
+            pred = predict(model, image)
             scores.append(
                 {
                     "SAD": metrics.sad(pred, alpha),

@@ -123,3 +123,40 @@ def test_evaluate_fn_and_checkpoint_roundtrip(tmp_path) -> None:
     loaded = load_gfm("gfm_r34", path)
     for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_from_folders(tmp_path) -> None:
+    from PIL import Image
+
+    from detseg.errors import DetsegError
+
+    rng = np.random.default_rng(0)
+    for sub in ("img", "alpha", "bg"):
+        (tmp_path / sub).mkdir()
+    alpha = np.zeros((40, 50), np.uint8)
+    alpha[10:30, 10:40] = 255
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+        tmp_path / "img" / "a.png"
+    )
+    Image.fromarray(alpha).save(tmp_path / "alpha" / "a.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(
+        tmp_path / "bg" / "b.jpg"
+    )
+    ds = RSSNMattingDataset.from_folders(
+        tmp_path / "img", tmp_path / "alpha", tmp_path / "bg", size=32, crop_sizes=(36,)
+    )
+    assert len(ds) == 1 and ds[0]["image"].shape == (3, 32, 32)
+    np.testing.assert_array_equal(ds.alphas[0], alpha)
+    Image.fromarray(alpha).save(tmp_path / "img" / "orphan.png")
+    with pytest.raises(DetsegError, match="no same-named alpha"):
+        RSSNMattingDataset.from_folders(tmp_path / "img", tmp_path / "alpha", tmp_path / "bg")
+
+
+def test_evaluate_fn_with_test_strategy() -> None:
+    model = GFM("r34", "TT").eval()
+    image = np.random.default_rng(0).integers(0, 256, (70, 100, 3), dtype=np.uint8)
+    with torch.no_grad():
+        scores = make_evaluate_fn([image], [np.zeros((70, 100), np.uint8)], strategy="resize")(
+            model
+        )
+    assert scores["SAD"] >= 0 and set(scores) == {"SAD", "MSE", "MAD"}
