@@ -22,6 +22,7 @@ import torch
 from skimage.transform import resize
 
 from detseg.data.images import list_images, read_image, write_image
+from detseg.engine.device import resolve_device
 from detseg.errors import CheckpointError, DetsegError
 from detseg.matting.gfm import GFM
 
@@ -129,7 +130,9 @@ def shrink_to_short_side(image: np.ndarray, short: int = 1080) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def load_gfm(model: str = "gfm_r34", weights: str | Path | None = None, device: str = "cpu") -> GFM:
+def load_gfm(
+    model: str = "gfm_r34", weights: str | Path | None = None, device: str = "auto"
+) -> GFM:
     """A GFM from a detseg checkpoint or an official ``.pth`` (variant read from the file).
 
     Raises:
@@ -140,6 +143,8 @@ def load_gfm(model: str = "gfm_r34", weights: str | Path | None = None, device: 
     from detseg.registry import get_entry
 
     entry = get_entry(model)
+    if not model.startswith("gfm"):
+        raise DetsegError(f"{model} is not a GFM model; choose one of `detseg models` gfm_*.")
     if weights is None:
         raise DetsegError(
             f"{model} has no bundled weights: pass --weights with an official GFM .pth "
@@ -154,7 +159,7 @@ def load_gfm(model: str = "gfm_r34", weights: str | Path | None = None, device: 
         raise CheckpointError(f"{weights}: a checkpoint of {meta.model!r}, not of a GFM model.")
     net = entry.build(**kwargs)
     load_state_dict_strict(net, state, str(weights), model)
-    return net.to(device).eval()
+    return net.to(resolve_device(device)).eval()
 
 
 def _trimap_for(image_path: Path, trimap: Path, many: bool) -> Path:
@@ -176,7 +181,7 @@ def matte_images(
     method: str = "gfm",
     trimap: str | Path | None = None,
     strategy: str = "hybrid",
-    device: str = "cpu",
+    device: str = "auto",
     cutout: bool = True,
 ) -> list[Path]:
     """``detseg matte``: write ``OUT_DIR/<stem>.png`` (8-bit alpha) and, with ``cutout``,
@@ -237,7 +242,7 @@ def evaluate_matting_model(
     trimap_subdir: str = "trimap",
     convention: str = "gfm",
     strategy: str = "hybrid",
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict:
     """``detseg eval --task matting --model ... --data DIR``: matte ``DIR/input`` into
     ``pred_dir``, then ``evaluate_folder(pred_dir, DIR/alpha, DIR/<trimap_subdir>)``.
