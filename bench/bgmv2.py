@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["mobilenetv2", "resnet50"])
     parser.add_argument("--sizes", nargs="+", default=["hd", "4k"], choices=list(SIZES))
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU, {args.threads} threads, torch {torch.__version__}, median of {args.iters} runs")

@@ -188,15 +188,21 @@ def _crop(x: Tensor, cells: Tensor, size: int, pad: int) -> Tensor:
     """Windows of ``x`` around cells: (B, C, h, w) -> (P, C, size + 2*pad, size + 2*pad).
 
     ``cells`` (P, 3) int64 rows (b, i, j): the window covers rows [i*size - pad, (i+1)*size + pad)
-    and the matching columns, zeros outside the image.
+    and the matching columns, zeros outside the image: what cropping a zero-padded copy gives,
+    without making the copy (indices are clamped, the outside masked).
     """
-    if pad:
-        x = F.pad(x, (pad, pad, pad, pad))
-    offsets = torch.arange(size + 2 * pad, device=x.device)
-    rows = (cells[:, 1:2] * size + offsets)[:, :, None]  # (P, win, 1)
-    cols = (cells[:, 2:3] * size + offsets)[:, None, :]  # (P, 1, win)
+    h, w = x.shape[-2:]
+    offsets = torch.arange(-pad, size + pad, device=x.device)
+    rows = cells[:, 1:2] * size + offsets  # (P, win)
+    cols = cells[:, 2:3] * size + offsets
     batch = cells[:, 0, None, None]
-    return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    patches = x.permute(0, 2, 3, 1)[
+        batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]
+    ]  # (P, win, win, C)
+    if pad:
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        patches = patches * inside[..., None].to(patches.dtype)
+    return patches.permute(0, 3, 1, 2)
 
 
 def _paste(x: Tensor, cells: Tensor, patches: Tensor) -> Tensor:
@@ -286,12 +292,10 @@ class Refiner(nn.Module):
         h, w = src.shape[-2:]
         half, quarter = (h // 2, w // 2), (h // 4, w // 4)
         src_bgr = torch.cat([src, bgr], dim=1)
-        # 42 channels at half resolution: hid, pha, fgr residual, then src and bgr.
-        xy = torch.cat(
-            [_resize(torch.cat([hid, pha, fgr], dim=1), half), _resize(src_bgr, half)], 1
-        )
+        x = _resize(torch.cat([hid, pha, fgr], dim=1), half)
+        y = _resize(src_bgr, half)
         if self.mode == "full":
-            out = self._refine_full(xy, src_bgr)
+            out = self._refine_full(x, y, src_bgr)
             ref = torch.ones((src.shape[0], 1, *quarter), dtype=src.dtype, device=src.device)
         else:
             ref = self.select(_resize(err, quarter))
@@ -300,21 +304,21 @@ class Refiner(nn.Module):
             if not self.training or cells.shape[0] > 0:
                 # In eval an empty selection runs through as empty tensors (a static graph for
                 # export); training BatchNorm cannot take an empty batch.
-                out = _paste(out, cells, self._refine_cells(xy, src_bgr, cells))
+                out = _paste(out, cells, self._refine_cells(x, y, src_bgr, cells))
         return out[:, 0:1], out[:, 1:4], ref
 
-    def _refine_full(self, xy: Tensor, src_bgr: Tensor) -> Tensor:
+    def _refine_full(self, x: Tensor, y: Tensor, src_bgr: Tensor) -> Tensor:
         p = 3 if self.kernel_size == 3 else 0
-        x = self._stage1(F.pad(xy, (p, p, p, p)))
+        x = self._stage1(F.pad(torch.cat([x, y], dim=1), (p, p, p, p)))
         h, w = src_bgr.shape[-2:]
         q = 2 if self.kernel_size == 3 else 0
         x = F.interpolate(x, size=(h + 2 * q, w + 2 * q), mode="nearest")
         return self._stage2(torch.cat([x, F.pad(src_bgr, (q, q, q, q))], dim=1))
 
-    def _refine_cells(self, xy: Tensor, src_bgr: Tensor, cells: Tensor) -> Tensor:
+    def _refine_cells(self, x: Tensor, y: Tensor, src_bgr: Tensor, cells: Tensor) -> Tensor:
         """(P, 4, 4, 4) refined [alpha, fgr residual] for each cell (b, i, j) of ``cells``."""
         p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
-        x = self._stage1(_crop(xy, cells, 2, p))
+        x = self._stage1(torch.cat([_crop(x, cells, 2, p), _crop(y, cells, 2, p)], dim=1))
         x = F.interpolate(x, size=(4 + 2 * q, 4 + 2 * q), mode="nearest")
         return self._stage2(torch.cat([x, _crop(src_bgr, cells, 4, q)], dim=1))
 
