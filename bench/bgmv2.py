@@ -1,13 +1,15 @@
 """BackgroundMattingV2 inference speed: torch eager vs onnxruntime, HD and 4K, on the CPU.
 
     PYTHONPATH=. python bench/bgmv2.py [--backbones mobilenetv2 resnet50] [--sizes hd 4k]
-                                       [--iters 3] [--threads 2]
+                                       [--iters 3] [--threads 1]
 
 Settings are the official recommendations (``doc/model_usage.md``): HD backbone_scale 0.25 with
 80,000 refined pixels, 4K 0.125 with 320,000, sampling mode without the oversampling guard (a
 fixed cost, as ``inference_speed_test.py``), batch 1, random weights and inputs (the tensor
 throughput the paper quotes; no decoding or encoding). The reference path of every row group is
 plain torch eager on the same model and input in the same run; "ratio" = frames/s / reference.
+One thread by default: on a CPU shared with other work, more threads mostly wait at OpenMP
+barriers (measured 1.0 s vs 7 s per HD frame with 1 vs 2 threads on a loaded 2-core machine).
 "BN folded" is ``fuse_batchnorm`` (what ``matte_files`` runs); onnxruntime applies the same
 folding among its default graph optimisations.
 """
@@ -52,6 +54,7 @@ def onnx_runner(model: MattingRefine, h: int, w: int, threads: int, folder: Path
     export_onnx(model, path, height=h // 4, width=w // 4, check=False)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session
 
