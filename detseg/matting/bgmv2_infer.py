@@ -181,7 +181,9 @@ def _fit(image: np.ndarray, size: tuple[int, int], what: str, resize: bool) -> n
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
-def _check_outputs(outputs: Sequence[str]) -> list[str]:
+def _check_outputs(outputs: Sequence[str] | None, model: nn.Module) -> list[str]:
+    if outputs is None:  # everything the model produces (MattingBase has no refined regions)
+        return [o for o in OUTPUTS if o != "ref" or isinstance(model, MattingRefine)]
     bad = [o for o in outputs if o not in OUTPUTS]
     if bad or not outputs:
         raise DetsegError(f"unknown output(s) {bad or outputs}; choose from {', '.join(OUTPUTS)}.")
@@ -193,7 +195,7 @@ def matte_files(
     source: str | Path,
     bgr_path: str | Path,
     out_dir: str | Path,
-    outputs: Sequence[str] = OUTPUTS,
+    outputs: Sequence[str] | None = None,
     background: Background = None,
     resize_bgr: bool = False,
     device: torch.device | str | None = None,
@@ -206,7 +208,7 @@ def matte_files(
         source: image file, folder, glob pattern, or video file (by suffix, see ``VIDEO_SUFFIXES``).
         bgr_path: the clean background plate (an image).
         out_dir: outputs go to ``out_dir/<kind>/<stem>.png|.mp4``.
-        outputs: any of ``OUTPUTS``.
+        outputs: any of ``OUTPUTS``; None = all that the model produces.
         background: ``com`` background (colour or image, resized to each source with
             ``resize_bgr`` semantics); None = RGBA PNG for images, green for videos.
         resize_bgr: resize a plate (and a background image) of another size to the source's size
@@ -217,7 +219,7 @@ def matte_files(
     Returns:
         The written files. A video keeps its frame rate; the written videos have no audio.
     """
-    kinds = _check_outputs(outputs)
+    kinds = _check_outputs(outputs, model)
     model = fuse_batchnorm(model)
     plate = read_image(bgr_path)
     out_dir = Path(out_dir)
@@ -313,7 +315,7 @@ def matte(
     bgr: str | Path,
     out_dir: str | Path,
     weights: str | Path | None = None,
-    outputs: Sequence[str] = OUTPUTS,
+    outputs: Sequence[str] | None = None,
     background: str | None = None,
     resize_bgr: bool = False,
     device: str = "auto",

@@ -169,3 +169,14 @@ def test_matte_command_with_official_checkpoint(bgm_pair, tmp_path) -> None:
     assert com.shape == (90, 162, 3) and (tmp_path / "out" / "ref" / "0001_img.png").is_file()
     with pytest.raises(DetsegError, match="use --model bgmv2_mobilenetv2"):
         matte("bgmv2_resnet50", src, bgr, tmp_path / "o2", weights=weights, progress=False)
+
+
+def test_base_model_writes_what_it_produces(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    for name in ("a.png", "plate.png"):
+        write_image(tmp_path / name, rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
+    base = MattingBase("mobilenetv2")
+    written = matte_files(base, tmp_path / "a.png", tmp_path / "plate.png", tmp_path / "out")
+    assert sorted(p.parent.name for p in written) == ["com", "err", "fgr", "pha"]
+    with pytest.raises(DetsegError, match="not produced"):
+        matte_files(base, tmp_path / "a.png", tmp_path / "plate.png", tmp_path / "o", ("ref",))
