@@ -1,1 +1,3 @@
 """Instance models; importing this package registers them."""
+
+from detseg.instance import polarmask  # noqa: F401
