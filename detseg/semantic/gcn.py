@@ -1,0 +1,112 @@
+"""GCN, "Large Kernel Matters" (Peng et al., CVPR'17): global convolution + boundary refinement.
+
+Each ResNet stage (strides 4..32) goes through a Global Convolution Module (k x 1 then 1 x k,
+plus 1 x k then k x 1, summed; no BN, no ReLU) straight to C class scores, and a Boundary
+Refinement residual block. Scores fuse top-down with x2 bilinear deconvolutions, then two more
+x2 steps (each followed by BR) reach full resolution: nine BRs in all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from detseg.backbones import build_backbone
+from detseg.registry import register_model
+from detseg.semantic.heads import resize_to
+from detseg.semantic.upsample import BilinearUpsample
+
+
+class GlobalConv(nn.Module):
+    """GCM: ``conv_1xk(conv_kx1(x)) + conv_kx1(conv_1xk(x))``, C_in -> C; k odd.
+
+    ``forward``: (N, C_in, h, w) -> (N, C, h, w).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, k: int = 15) -> None:
+        super().__init__()
+        if k % 2 != 1:
+            raise ValueError("the GCN kernel size k must be odd")
+        p = k // 2
+        self.left = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, (k, 1), padding=(p, 0)),
+            nn.Conv2d(out_ch, out_ch, (1, k), padding=(0, p)),
+        )
+        self.right = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, (1, k), padding=(0, p)),
+            nn.Conv2d(out_ch, out_ch, (k, 1), padding=(p, 0)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.left(x) + self.right(x)
+
+
+class BoundaryRefine(nn.Module):
+    """BR: ``s + conv3(relu(conv3(s)))``, C -> C, no BN. ``forward``: (N, C, h, w) -> same."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.conv1(x).relu())
+
+
+class GCN(nn.Module):
+    """GCN on an undilated torchvision ResNet (taps layer1..layer4, the stem sets the 1/2 size).
+
+    Args:
+        num_classes: output classes C.
+        backbone: resnet18/34/50/101/152.
+        k: GCM kernel size (paper: 15; odd).
+        learn_upsample: learn the x2 depthwise bilinear deconvolutions (default fixed).
+        frozen_bn: freeze the trunk's BatchNorm.
+
+    ``forward``: (N, 3, H, W) float -> (N, C, H, W) logits, any H, W.
+    """
+
+    _TAPS = ("layer1", "layer2", "layer3", "layer4")
+
+    def __init__(
+        self,
+        num_classes: int = 21,
+        backbone: str = "resnet50",
+        k: int = 15,
+        learn_upsample: bool = False,
+        frozen_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = build_backbone(backbone, frozen_bn=frozen_bn)
+        self.gcm = nn.ModuleList(
+            GlobalConv(self.backbone.channels(t), num_classes, k) for t in self._TAPS
+        )
+        self.br_score = nn.ModuleList(BoundaryRefine(num_classes) for _ in self._TAPS)
+        self.br_fuse = nn.ModuleList(BoundaryRefine(num_classes) for _ in range(5))
+        self.up = BilinearUpsample(num_classes, 2, padding=1, learnable=learn_upsample)
+
+    def _up(self, x: torch.Tensor, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:
+        """x2 deconvolution, then resized to ``like``'s exact size (odd sizes)."""
+        return resize_to(self.up(x), like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        scores = [
+            br(gcm(feats[t]))
+            for t, gcm, br in zip(self._TAPS, self.gcm, self.br_score, strict=True)
+        ]
+        f = scores.pop()
+        for s, br in zip(reversed(scores), self.br_fuse[:3], strict=True):
+            f = br(self._up(f, s) + s)
+        f = self.br_fuse[3](self._up(f, feats["stem"]))
+        return self.br_fuse[4](self._up(f, x))
+
+
+@register_model("gcn_resnet18", task="semantic", defaults={"backbone": "resnet18"})
+@register_model("gcn_resnet50", task="semantic", defaults={"backbone": "resnet50"})
+@register_model("gcn_resnet101", task="semantic", defaults={"backbone": "resnet101"})
+@register_model("gcn_resnet152", task="semantic", defaults={"backbone": "resnet152"})
+def build_gcn(**kwargs: object) -> GCN:
+    """GCN (k = 15): global convolution modules and boundary refinement on an OS-32 ResNet."""
+    return GCN(**kwargs)  # type: ignore[arg-type]
