@@ -544,6 +544,11 @@ def train_bgmv2(
     from detseg.checkpoint import CheckpointMeta
     from detseg.engine.trainer import TrainConfig, Trainer
 
+    if batch_size < 2:
+        raise DetsegError(
+            "bgmv2 training needs --batch-size >= 2: the ASPP image-pooling BatchNorm sees one "
+            "value per channel per sample."
+        )
     net, kwargs = initial_model(model, weights)
     refine = isinstance(net, MattingRefine)
     fg_scale = (0.3, 1.0) if refine else (0.4, 1.0)
@@ -580,12 +585,15 @@ def train_bgmv2(
         higher_is_better=False,
         meta=CheckpointMeta(model=model, kwargs=kwargs),
     )
+    if not resume:
+        trainer.evaluate()  # the starting point of the SAD curve
     history = trainer.fit(resume=resume, progress=progress)
     return {
         "out_dir": str(out_dir),
         "steps": trainer.step,
         "first_train": history.train[0] if history.train else None,
         "last_train": history.train[-1] if history.train else None,
+        "first_eval": history.evals[0] if history.evals else None,
         "last_eval": history.evals[-1] if history.evals else None,
         "best_step": history.best_step,
         "best_SAD": history.best_value,

@@ -191,3 +191,6 @@ def test_train_bgmv2_two_stages(shared, tmp_path) -> None:
         **common,
     )
     assert second["steps"] == 1 and (tmp_path / "b" / "last.safetensors").is_file()
+    assert second["first_eval"]["step"] == 0
+    with pytest.raises(DetsegError, match="batch-size"):
+        train_bgmv2(model="bgmv2_base_mobilenetv2", **{**common, "batch_size": 1})
