@@ -1,3 +1,3 @@
 """Detection models; importing this package registers them."""
 
-from detseg.detection import fcos  # noqa: F401
+from detseg.detection import fcos, hog_svm  # noqa: F401
