@@ -44,7 +44,7 @@ def _one_thread():
 
 def _tiny(num_classes: int = 3) -> PolarMask:
     return PolarMask(
-        num_classes, "mobilenet_v2", out_channels=32, feat_channels=32, stacked_convs=1
+        num_classes, "mobilenet_v2", out_channels=32, feat_channels=64, stacked_convs=1
     )
 
 
@@ -319,3 +319,19 @@ def test_polygons_to_masks_fills_boundary_pixels() -> None:
     square = torch.tensor([[[2.5, 6.9, 6.9, 2.5], [1.2, 1.2, 5.7, 5.7]]])  # -> 2..6 x 1..5
     mask = polygons_to_masks(square, 8, 10)[0]
     assert mask.sum() == 25 and mask[1, 2] == 1 and mask[5, 6] == 1
+
+
+def test_predict_image_and_draw_instances() -> None:
+    from detseg.instance.polarmask_infer import draw_instances, predict_image
+
+    model = _tiny()
+    with torch.no_grad():
+        model.head.polar_cls.bias.fill_(2.0)
+    image = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    inst = predict_image(model, image, max_size=128)
+    assert len(inst) > 0 and inst.masks.shape[1:] == (90, 120)
+    assert inst.boxes[:, 2].max() <= 120 and inst.boxes[:, 3].max() <= 90
+    drawn = draw_instances(image, inst, score_thresh=0.0)
+    assert (
+        drawn.shape == image.shape and drawn.dtype == np.uint8 and not np.array_equal(drawn, image)
+    )
