@@ -197,7 +197,20 @@ def evaluate_detection(
     detect = detector_fn(model, max_size)
     slice_cfg = slice_config(slice, overlap, merge, match)
     predictions = predict_dataset(detect, dataset, slice_cfg, progress)
+    predictions = _dataset_labels(predictions, model.class_names, dataset.class_names)
     return _summary(evaluate_detections(dataset, predictions), split, len(dataset.images))
+
+
+def _dataset_labels(
+    predictions: list[Detections], model_names: Sequence[str], data_names: Sequence[str]
+) -> list[Detections]:
+    """Model labels -> dataset labels by class name when the model's classes are some of the
+    dataset's in another order (e.g. a one-class HOG model of a many-class dataset); otherwise
+    the labels are kept."""
+    if list(model_names) == list(data_names) or not set(model_names) <= set(data_names):
+        return predictions
+    mapping = torch.tensor([list(data_names).index(n) for n in model_names], dtype=torch.int64)
+    return [replace(d, labels=mapping[d.labels]) for d in predictions]
 
 
 # -------------------------------------------------------------------------------- prediction
@@ -338,6 +351,7 @@ def _train_hog_svm(
     if val is not None:
         detect = lambda images: [model.detect(im) for im in images]  # noqa: E731
         preds = predict_dataset(detect, val, progress=progress)
+        preds = _dataset_labels(preds, model.class_names, val.class_names)
         evaluation = _summary(evaluate_detections(val, preds), None, len(val.images))
     return {
         "out_dir": str(out_dir),

@@ -14,36 +14,15 @@ pytest.importorskip("sklearn")
 
 from detseg.api import load_model  # noqa: E402
 from detseg.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
-from detseg.data.coco import Annotation, Category, DetectionSet, ImageRecord  # noqa: E402
-from detseg.data.images import write_image  # noqa: E402
+from detseg.data.coco import Category, DetectionSet  # noqa: E402
 from detseg.detection.hog_svm import HogSvmDetector, train_hog_svm  # noqa: E402
-
-SMALL = {"window": (6, 6), "pixels_per_cell": 4, "max_size": None, "scale_step": 1.25}
-
-
-def square_image(rng: np.random.Generator, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """A noisy dark (size, size, 3) uint8 image with one bright square; its xyxy box."""
-    image = rng.normal(50, 12, (size, size, 3)).clip(0, 255)
-    side = int(rng.integers(18, 34))
-    x, y = (int(v) for v in rng.integers(2, size - side - 2, 2))
-    image[y : y + side, x : x + side] = rng.normal(210, 12, (side, side, 3)).clip(0, 255)
-    return image.astype(np.uint8), np.array([x, y, x + side, y + side], np.float64)
-
-
-def square_dataset(folder: Path, n: int, seed: int) -> DetectionSet:
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(n):
-        image, box = square_image(rng)
-        path = folder / f"{i}.png"
-        write_image(path, image)
-        records.append(ImageRecord(i + 1, path.name, path, 96, 96, [Annotation(box, 0)]))
-    return DetectionSet(records, [Category(1, "square")], folder)
+from tests.detection.squares import SMALL_HOG as SMALL  # noqa: E402
+from tests.detection.squares import square_dataset, square_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> HogSvmDetector:
-    data = square_dataset(tmp_path_factory.mktemp("squares"), 10, seed=0)
+    data = square_dataset(tmp_path_factory.mktemp("squares"), 8, seed=0)
     model, history = train_hog_svm(data, rounds=1, negatives_per_image=20, seed=0, **SMALL)
     assert [h["round"] for h in history] == [0, 1] and history[1]["hard_added"] >= 0
     assert history[1]["negatives"] == history[0]["negatives"] + history[1]["hard_added"]
