@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from detseg.checkpoint import CheckpointMeta
+from detseg.data.convert import read_dataset
 from detseg.detection.fcos_training import collate_detection
 from detseg.engine.trainer import TrainConfig, Trainer
 from detseg.instance.polarmask import PolarMask
@@ -46,12 +48,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--images", type=int, default=None, help="first N training images only")
     parser.add_argument("--out", default="runs/pm_balloon")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    via = args.shared / "data/balloon/train/via_region_data.json"
-    train_set = polarmask_dataset(via, train=True, max_size=args.size)
-    eval_set = polarmask_dataset(via, train=False, max_size=args.size)
+    data = read_dataset(args.shared / "data/balloon/train/via_region_data.json", "balloon")
+    data = replace(data, images=data.images[: args.images])
+    train_set = polarmask_dataset(data, train=True, max_size=args.size)
+    eval_set = polarmask_dataset(data, train=False, max_size=args.size)
     torch.manual_seed(0)
     model = PolarMask(**KWARGS)
     evaluate = polarmask_evaluate_fn(eval_set, batch_size=4)

@@ -66,7 +66,9 @@ OFFICIAL_PREPROCESS = {  # mmdet v1 caffe R-50: BGR 0..255 minus the mean, std 1
 }
 
 
-def ray_angles(num_rays: int = NUM_RAYS, device: Any = None, dtype: torch.dtype = torch.float32):
+def ray_angles(
+    num_rays: int = NUM_RAYS, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """(num_rays,) ray directions in radians, ``10k / 180 * pi`` as the official float32 values."""
     step = 360.0 / num_rays
     return torch.arange(num_rays, device=device, dtype=dtype) * step / 180 * math.pi

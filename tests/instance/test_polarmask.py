@@ -335,3 +335,25 @@ def test_predict_image_and_draw_instances() -> None:
     assert (
         drawn.shape == image.shape and drawn.dtype == np.uint8 and not np.array_equal(drawn, image)
     )
+
+
+@pytest.mark.slow
+def test_training_loss_falls_on_balloon_images(shared) -> None:
+    """~60 steps on four balloon training images (192 px): the total loss falls clearly."""
+    from detseg.detection.fcos_training import collate_detection
+    from detseg.instance.polarmask_training import polarmask_dataset, polarmask_loss
+    from tests.conftest import need
+
+    via = need(shared / "data" / "balloon" / "train" / "via_region_data.json")
+    dataset = polarmask_dataset(via, train=False, max_size=192)
+    batch = collate_detection([dataset[i] for i in range(4)])
+    model = PolarMask(1, "mobilenet_v2", 64, 64, 2).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    history = []
+    for _ in range(60):
+        loss, _ = polarmask_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5]), history[::10]
