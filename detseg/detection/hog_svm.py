@@ -180,8 +180,7 @@ class HogSvmDetector(nn.Module):
         shrink = crop.shape[1] > size[0]
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         blocks = self.hog_blocks(crop)
-        br, bc = self.block_grid
-        return blocks[:, 1 : 1 + br, 1 : 1 + bc].permute(1, 2, 0).reshape(-1)
+        return _window_vector(blocks, 1, 1, *self.block_grid)
 
     def pyramid(self, image: np.ndarray) -> list[_Level]:
         """HOG blocks of ``image`` at ``max_size`` and every ``scale_step`` smaller level that
@@ -271,14 +270,10 @@ class HogSvmDetector(nn.Module):
         return Detections(boxes, scores[keep], labels, self.class_names)
 
 
-def _window_vectors(blocks: Tensor, rows: Tensor, cols: Tensor, br: int, bc: int) -> Tensor:
-    """(N, F) HOG vectors of the windows at block (rows, cols) of ``blocks`` (D, R, C); the same
-    layout as the weight in ``HogSvmDetector.decision_map``: (block row, block col, D)."""
-    out = [
-        blocks[:, r : r + br, c : c + bc].permute(1, 2, 0).reshape(-1)
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
-    ]
-    return torch.stack(out) if out else blocks.new_zeros(0, br * bc * blocks.shape[0])
+def _window_vector(blocks: Tensor, row: int, col: int, br: int, bc: int) -> Tensor:
+    """(F,) HOG vector of the window whose first block is (row, col) of ``blocks`` (D, R, C), in
+    the layout of the weight in ``HogSvmDetector.decision_map``: (block row, block col, D)."""
+    return blocks[:, row : row + br, col : col + bc].permute(1, 2, 0).reshape(-1)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -318,8 +313,8 @@ def _negatives(
         box = model.window_boxes(torch.tensor([r]), torch.tensor([c]), level.scale)
         if len(gt) and float(box_iou(box, gt).max()) >= 0.3:
             continue
-        feats.append(_window_vectors(level.blocks, torch.tensor([r]), torch.tensor([c]), br, bc))
-    return torch.cat(feats) if feats else torch.zeros(0, model.feature_dim)
+        feats.append(_window_vector(level.blocks, r, c, br, bc))
+    return torch.stack(feats) if feats else torch.zeros(0, model.feature_dim)
 
 
 def _hard_negatives(model: HogSvmDetector, levels: list[_Level], gt: Tensor, count: int) -> Tensor:
@@ -332,17 +327,8 @@ def _hard_negatives(model: HogSvmDetector, levels: list[_Level], gt: Tensor, cou
         where = [w for w, f in zip(where, false.tolist(), strict=True) if f]
     keep = nms(boxes, margins, 0.5)[:count].tolist()
     br, bc = model.block_grid
-    feats = [
-        _window_vectors(
-            levels[where[k][0]].blocks,
-            torch.tensor([where[k][1]]),
-            torch.tensor([where[k][2]]),
-            br,
-            bc,
-        )
-        for k in keep
-    ]
-    return torch.cat(feats) if feats else torch.zeros(0, model.feature_dim)
+    feats = [_window_vector(levels[where[k][0]].blocks, *where[k][1:], br, bc) for k in keep]
+    return torch.stack(feats) if feats else torch.zeros(0, model.feature_dim)
 
 
 def _positives(model: HogSvmDetector, image: np.ndarray, gt: Tensor) -> Tensor:
