@@ -96,6 +96,7 @@ class UNet(nn.Module):
 
     def valid_size(self, n: int) -> bool:
         """Whether an input side of ``n`` px is even before every pool and positive at the output."""
+        n = int(n)  # a traced size is a tensor: never update it in place
         skips = []
         for _ in range(self.depth):
             n -= 4
