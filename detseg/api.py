@@ -208,3 +208,76 @@ def demo(out_dir: str | Path = "detseg-demo", **options: Any) -> dict[str, Any]:
     from detseg.semantic.demo import run_demo
 
     return run_demo(out_dir, **options)
+
+
+def matte(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    bgr: str | Path | None = None,
+    method: str = "model",
+    trimap: str | Path | None = None,
+    outputs: list[str] | None = None,
+    background: str | None = None,
+    resize_bgr: bool = False,
+    strategy: str = "hybrid",
+    device: str = "auto",
+    progress: bool = True,
+) -> list[Path]:
+    """Alpha mattes for images (and videos, with a background plate).
+
+    ``bgmv2_*`` models take the clean plate ``bgr``; ``gfm_*`` models are trimap-free;
+    ``method="closed-form"|"knn"`` runs the classical pymatting baselines with a ``trimap``.
+    """
+    if method != "model":
+        from detseg.matting.gfm_infer import matte_images
+
+        return matte_images(source, out_dir, method=method, trimap=trimap, device=device)
+    if model is None:
+        raise DetsegError("pass --model (e.g. bgmv2_mobilenetv2, gfm_r34) or --method closed-form.")
+    if get_entry(model).task != "matting":
+        raise DetsegError(f"{model!r} is a {get_entry(model).task} model, not a matting model.")
+    if model.startswith("bgmv2"):
+        if bgr is None:
+            raise DetsegError(f"{model} needs the clean background plate: pass --bgr PLATE.")
+        from detseg.matting.bgmv2_infer import matte as bgmv2_matte
+
+        return bgmv2_matte(
+            model,
+            source,
+            bgr,
+            out_dir,
+            weights=weights,
+            outputs=outputs,
+            background=background,
+            resize_bgr=resize_bgr,
+            device=device,
+            progress=progress,
+        )
+    from detseg.matting.gfm_infer import matte_images
+
+    return matte_images(
+        source, out_dir, model=model, weights=weights, strategy=strategy, device=device
+    )
+
+
+def export(
+    model: str,
+    path: str | Path,
+    *,
+    weights: str | Path | None = None,
+    height: int = 1080,
+    width: int = 1920,
+    check: bool = True,
+) -> dict[str, Any]:
+    """Export ``model`` to ONNX at ``path``; returns max abs differences of onnxruntime vs torch."""
+    if model.startswith("bgmv2"):
+        from detseg.matting.bgmv2_export import export as bgmv2_export
+
+        return bgmv2_export(model, path, weights=weights, height=height, width=width, check=check)
+    from detseg.engine.export import export_single_input
+
+    loaded = load_model(model, weights, device="cpu")
+    return export_single_input(loaded.model, path, height=height, width=width, check=check)

@@ -277,6 +277,66 @@ def demo_cmd(
         console.print(summary)
 
 
+@app.command("matte")
+@user_errors
+def matte_cmd(
+    source: str = typer.Argument(..., help="Image, folder, glob or video."),
+    model: str = typer.Option(None, help="bgmv2_* (needs --bgr) or gfm_* model."),
+    weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
+    bgr: Path = typer.Option(None, help="Clean background plate (BackgroundMattingV2)."),
+    out: Path = typer.Option(Path("detseg-matte"), "--out", "-o", help="Output folder."),
+    outputs: str = typer.Option(None, help="Comma list of com,pha,fgr,err,ref (BGMv2)."),
+    background: str = typer.Option(None, help="Composite over #rrggbb, r,g,b or an image."),
+    resize_bgr: bool = typer.Option(False, help="Resize the plate to the source."),
+    method: str = typer.Option("model", help="model, closed-form or knn (with --trimap)."),
+    trimap: Path = typer.Option(None, help="Trimap PNG or folder (classical methods)."),
+    strategy: str = typer.Option("hybrid", help="GFM test strategy: hybrid or resize."),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Alpha matting: BackgroundMattingV2 with a plate, GFM trimap-free, or closed-form."""
+    written = api.matte(
+        source,
+        out,
+        model=model,
+        weights=weights,
+        bgr=bgr,
+        method=method,
+        trimap=trimap,
+        outputs=outputs.split(",") if outputs else None,
+        background=background,
+        resize_bgr=resize_bgr,
+        strategy=strategy,
+        device=device,
+        progress=not as_json,
+    )
+    if as_json:
+        _emit_json({"written": [str(p) for p in written]})
+    else:
+        console.print(f"wrote {len(written)} files to {out}")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    model: str = typer.Option(..., help="Registered model name."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx path."),
+    weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
+    export_format: str = typer.Option("onnx", "--format", help="onnx."),
+    height: int = typer.Option(512, min=8),
+    width: int = typer.Option(512, min=8),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export a network to ONNX and check onnxruntime against PyTorch."""
+    if export_format != "onnx":
+        raise DetsegError(f"--format {export_format!r}: only onnx is supported.")
+    result = api.export(model, out, weights=weights, height=height, width=width)
+    if as_json:
+        _emit_json(result)
+    else:
+        console.print(result)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
