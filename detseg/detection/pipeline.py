@@ -243,11 +243,13 @@ def draw_detections(
     return out
 
 
-def _coco_ids(gt: str | Path | None, paths: list[Path], names: Sequence[str]) -> tuple:
+def _coco_ids(
+    gt: str | Path | None, paths: list[Path], names: Sequence[str], num_classes: int
+) -> tuple[list[int], list[int]]:
     """(image id per path, category id per label): from ``gt`` by file name and class name, else
     1, 2, ... in order and ``label + 1``."""
     if gt is None:
-        return list(range(1, len(paths) + 1)), list(range(1, len(names) + 2))
+        return list(range(1, len(paths) + 1)), list(range(1, num_classes + 1))
     dataset = read_coco(gt)
     by_name = {Path(r.file_name).name: r.id for r in dataset.images}
     missing = [p.name for p in paths if p.name not in by_name]
@@ -308,7 +310,10 @@ def predict_detection_files(
     detect = detector_fn(model, max_size)
     slice_cfg = slice_config(slice, overlap, merge, match, full_image, batch_size)
     names = list(model.class_names)
-    image_ids, category_ids = _coco_ids(coco_gt, paths, names) if save_coco else ([], [])
+    num_classes = int(getattr(model.model, "num_classes", len(names)))
+    image_ids, category_ids = (
+        _coco_ids(coco_gt, paths, names, num_classes) if save_coco else ([], [])
+    )
     records, results = [], []
     with count_progress(len(paths), "predict", enabled=progress) as advance:
         for i, path in enumerate(paths):
