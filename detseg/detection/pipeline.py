@@ -216,8 +216,8 @@ def _dataset_labels(
 # -------------------------------------------------------------------------------- prediction
 def _colour(label: int) -> tuple[int, int, int]:
     hue = (label * 47) % 180  # spread neighbouring ids around the hue circle
-    bgr = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2RGB)[0, 0]
-    return tuple(int(c) for c in bgr)
+    rgb = cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2RGB)[0, 0]
+    return int(rgb[0]), int(rgb[1]), int(rgb[2])
 
 
 def draw_detections(
@@ -302,7 +302,8 @@ def predict_detection_files(
 
     Each record: ``{"file", "width", "height", "detections": [{"label", "class", "score",
     "box": xyxy pixels}], "outputs"}`` (detections with score >= ``score_threshold``).
-    ``slice`` runs tiled inference (see ``detseg.detection.sliced``). ``save_coco`` writes all
+    ``slice`` runs tiled inference (see ``detseg.detection.sliced``); FCOS shrinks tiles larger
+    than its ``max_size``, so pick ``slice <= max_size`` to gain resolution. ``save_coco`` writes all
     detections (no threshold) as a COCO results file; image and category ids come from
     ``coco_gt`` (by file and class name) when given, else 1, 2, ... and ``label + 1``.
     """
