@@ -156,19 +156,22 @@ class FCNVGG(nn.Module):
         from detseg.checkpoint import read_state_dict
 
         state, _ = read_state_dict(path)
-        try:
-            mapped = {k: v for k, v in state.items() if k.startswith("features.")}
-            mapped["fc6.weight"] = state["classifier.0.weight"].reshape(4096, 512, 7, 7)
-            mapped["fc6.bias"] = state["classifier.0.bias"]
-            mapped["fc7.weight"] = state["classifier.3.weight"].reshape(4096, 4096, 1, 1)
-            mapped["fc7.bias"] = state["classifier.3.bias"]
-            own = {k: v for k, v in self.state_dict().items() if k in mapped}
-            if set(own) != set(mapped) or any(own[k].shape != mapped[k].shape for k in own):
-                raise KeyError("layout")
-        except (KeyError, RuntimeError) as e:
+        own = self.state_dict()
+        mapped = {k: v for k, v in state.items() if k.startswith("features.")}
+        for fc, idx in (("fc6", 0), ("fc7", 3)):
+            for kind in ("weight", "bias"):
+                value = state.get(f"classifier.{idx}.{kind}")
+                if value is not None and value.numel() == own[f"{fc}.{kind}"].numel():
+                    mapped[f"{fc}.{kind}"] = value.reshape(own[f"{fc}.{kind}"].shape)
+        expected = {k for k in own if k.startswith(("features.", "fc6.", "fc7."))}
+        wrong = expected.symmetric_difference(mapped) | {
+            k for k in expected & set(mapped) if mapped[k].shape != own[k].shape
+        }
+        if wrong:
             raise CheckpointError(
-                f"{path}: not a torchvision vgg16 ImageNet file ({e}); download vgg16-397923af.pth."
-            ) from e
+                f"{path}: not a torchvision vgg16 ImageNet file ({len(wrong)} keys missing, "
+                "unexpected or of another shape); use vgg16-397923af.pth."
+            )
         self.load_state_dict({**self.state_dict(), **mapped}, strict=True)
 
 
@@ -176,7 +179,7 @@ class FCNVGG(nn.Module):
 @register_model("fcn16s_vgg16", task="semantic", defaults={"stride": 16})
 @register_model("fcn8s_vgg16", task="semantic", defaults={"stride": 8})
 def build_fcn_vgg(**kwargs: object) -> FCNVGG:
-    """FCN-32s/16s/8s on VGG16: 100-px pad, fc6/fc7 convs, pool4/pool3 skips, fixed bilinear upsampling."""
+    """FCN-32s/16s/8s on VGG16: 100-px pad, fc6/fc7 convs, pool4/pool3 skips, bilinear upsampling."""
     return FCNVGG(**kwargs)  # type: ignore[arg-type]
 
 

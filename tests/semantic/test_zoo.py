@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from detseg.errors import DetsegError
+from detseg.errors import CheckpointError, DetsegError
 from detseg.registry import get_entry, list_models
 from detseg.semantic.duc_hdc import DUC, DUCHead
 from detseg.semantic.fcn import FCNVGG
@@ -177,6 +177,19 @@ def test_fcn_vgg_imagenet_fc_layers_become_exact_convolutions(tmp_path):
     assert torch.allclose(conv, linear, atol=1e-4)
     assert model.score_fr.weight.abs().sum() == 0  # score layers start at zero (spec F3)
     assert torch.equal(model.features[0].weight, ref.features[0].weight)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"features.0.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(CheckpointError, match="not a torchvision vgg16"):
+        model.load_imagenet(wrong)
+
+
+def test_segnet_encoder_loads_torchvision_vgg16_bn_strictly(tmp_path):
+    ref = torchvision.models.vgg16_bn(weights=None)
+    path = tmp_path / "vgg16_bn.pth"
+    torch.save(ref.state_dict(), path)
+    model = SegNet(11)
+    model.encoder.load_imagenet(path)
+    assert torch.equal(model.encoder.features[40].weight, ref.features[40].weight)
 
 
 def test_segnet_unpools_to_the_exact_pre_pool_sizes():
