@@ -225,6 +225,10 @@ class FCN8s(nn.Module):
         self.num_classes = num_classes
         self.backbone = build_backbone(backbone, frozen_bn=frozen_bn)
         family = "resnet" if backbone.startswith("resnet") else backbone
+        if family not in _TAPS:
+            raise ValueError(
+                f"FCN8s: backbone must be a resnet, densenet121 or mobilenet_v2, not {backbone!r}"
+            )
         self.taps = _TAPS[family]
         dense = family == "densenet121"
         self.scores = nn.ModuleList(

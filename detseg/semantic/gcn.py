@@ -84,11 +84,9 @@ class GCN(nn.Module):
         )
         self.br_score = nn.ModuleList(BoundaryRefine(num_classes) for _ in self._TAPS)
         self.br_fuse = nn.ModuleList(BoundaryRefine(num_classes) for _ in range(5))
-        self.up = BilinearUpsample(num_classes, 2, padding=1, learnable=learn_upsample)
-
-    def _up(self, x: torch.Tensor, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:
-        """x2 deconvolution, then resized to ``like``'s exact size (odd sizes)."""
-        return resize_to(self.up(x), like)
+        self.ups = nn.ModuleList(
+            BilinearUpsample(num_classes, 2, padding=1, learnable=learn_upsample) for _ in range(5)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
@@ -96,11 +94,14 @@ class GCN(nn.Module):
             br(gcm(feats[t]))
             for t, gcm, br in zip(self._TAPS, self.gcm, self.br_score, strict=True)
         ]
-        f = scores.pop()
-        for s, br in zip(reversed(scores), self.br_fuse[:3], strict=True):
-            f = br(self._up(f, s) + s)
-        f = self.br_fuse[3](self._up(f, feats["stem"]))
-        return self.br_fuse[4](self._up(f, x))
+        # top-down: fuse into the stride-16/8/4 scores, then up to stride 2 and to H x W; each x2
+        # deconvolution is resized to the target's exact size (odd sizes)
+        targets = [*reversed(scores[:-1]), feats["stem"], x]
+        f = scores[-1]
+        for i, (target, up, br) in enumerate(zip(targets, self.ups, self.br_fuse, strict=True)):
+            f = resize_to(up(f), target)
+            f = br(f + target if i < 3 else f)
+        return f
 
 
 @register_model("gcn_resnet18", task="semantic", defaults={"backbone": "resnet18"})
