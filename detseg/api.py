@@ -281,3 +281,34 @@ def export(
 
     loaded = load_model(model, weights, device="cpu")
     return export_single_input(loaded.model, path, height=height, width=width, check=check)
+
+
+def coco_eval(
+    gt: str | Path, results: str | Path, iou_type: str = "bbox", plot: str | Path | None = None
+) -> Any:
+    """COCO evaluation of a results file (``CocoEvaluation``: ``stats``, ``per_class()``, ``table()``)."""
+    from detseg.detection.coco_eval import run_coco_eval
+
+    if iou_type not in ("bbox", "segm"):
+        raise DetsegError(f"--iou-type {iou_type!r}: use bbox or segm.")
+    evaluation = run_coco_eval(gt, results, iou_type)  # type: ignore[arg-type]
+    if plot is not None:
+        evaluation.plot_pr(plot)
+    return evaluation
+
+
+def convert(
+    src: str | Path, dst: str | Path, to: str, class_name: str = "object"
+) -> dict[str, Any]:
+    """Convert annotations (COCO / VIA / YOLO) to ``to`` = "coco" or "yolo"; returns counts."""
+    from detseg.data.convert import convert as convert_set
+
+    if to not in ("coco", "yolo"):
+        raise DetsegError(f"--to {to!r}: use coco or yolo.")
+    written = convert_set(src, dst, to=to, class_name=class_name)  # type: ignore[arg-type]
+    return {
+        "images": len(written.images),
+        "annotations": sum(len(i.annotations) for i in written.images),
+        "to": to,
+        "dst": str(dst),
+    }

@@ -337,6 +337,36 @@ def export_cmd(
         console.print(result)
 
 
+@app.command("coco-eval")
+@user_errors
+def coco_eval_cmd(
+    gt: Path = typer.Argument(..., help="COCO ground-truth JSON."),
+    results: Path = typer.Argument(..., help="COCO results JSON."),
+    iou_type: str = typer.Option("bbox", help="bbox or segm."),
+    plot: Path = typer.Option(None, help="Write precision-recall curves (PNG) here."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """COCO AP (12 stats, identical to pycocotools) and per-class AP."""
+    evaluation = api.coco_eval(gt, results, iou_type, plot)
+    if as_json:
+        _emit_json(evaluation.to_dict())
+    else:
+        console.print(evaluation.table())
+
+
+@app.command("convert")
+@user_errors
+def convert_cmd(
+    src: Path = typer.Argument(..., help="COCO JSON, VIA JSON/folder or YOLO folder."),
+    dst: Path = typer.Argument(..., help="Output JSON (coco) or folder (yolo)."),
+    to: str = typer.Option(..., "--to", help="coco or yolo."),
+    class_name: str = typer.Option("object", help="Class of single-class sources (VIA)."),
+) -> None:
+    """Convert detection / instance annotations between COCO, VIA and YOLO."""
+    summary = api.convert(src, dst, to, class_name)
+    console.print(summary)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
