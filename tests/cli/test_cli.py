@@ -172,56 +172,15 @@ def test_eval_saved_predictions_and_bad_labels(tmp_path, shapes):
     for name in ("0000.png", "0001.png"):
         label = np.asarray(Image.open(shapes / "valannot" / name))
         Image.fromarray(label).save(preds / name)
-    ok = _run(
-        "eval",
-        "--data",
-        str(shapes),
-        "--split",
-        "val",
-        "--pred",
-        str(preds),
-        "--num-classes",
-        "4",
-        "--ignore-index",
-        "255",
-        "--json",
-    )
+    args = ["eval", "--data", str(shapes), "--split", "val", "--pred", str(preds),
+            "--num-classes", "4", "--ignore-index", "255"]  # fmt: skip
+    ok = _run(*args, "--json")
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["mIoU"] == pytest.approx(100.0)
     Image.fromarray(np.full((32, 32), 50, np.uint8)).save(preds / "0001.png")
-    _assert_user_error(
-        _run(
-            "eval",
-            "--data",
-            str(shapes),
-            "--split",
-            "val",
-            "--pred",
-            str(preds),
-            "--num-classes",
-            "4",
-            "--ignore-index",
-            "255",
-        ),
-        "out of range",
-    )
+    _assert_user_error(_run(*args), "out of range")
     Image.fromarray(np.zeros((16, 32), np.uint8)).save(preds / "0001.png")
-    _assert_user_error(
-        _run(
-            "eval",
-            "--data",
-            str(shapes),
-            "--split",
-            "val",
-            "--pred",
-            str(preds),
-            "--num-classes",
-            "4",
-            "--ignore-index",
-            "255",
-        ),
-        "is 32x16",
-    )
+    _assert_user_error(_run(*args), "is 32x16")
 
 
 def test_label_values_out_of_range_in_training_data(tmp_path, shapes):

@@ -35,7 +35,7 @@ def _loss(model, batch):
     return nn.functional.mse_loss(model(x), y), {}
 
 
-def _trainer(out, steps, model=None, **kw) -> Trainer:
+def _trainer(out, steps=8, dataset=None, **kw) -> Trainer:
     cfg = TrainConfig(
         out_dir=str(out),
         max_steps=steps,
@@ -48,7 +48,14 @@ def _trainer(out, steps, model=None, **kw) -> Trainer:
         **kw,
     )
     evaluate = lambda m: {"score": -float(m[0].weight.abs().sum())}  # noqa: E731
-    return Trainer(model or _model(), _Noisy(), cfg, _loss, evaluate, primary_metric="score")
+    return Trainer(
+        _model(),
+        dataset if dataset is not None else _Noisy(),
+        cfg,
+        _loss,
+        evaluate,
+        primary_metric="score",
+    )
 
 
 def _losses(history):
@@ -90,28 +97,13 @@ class _InterruptedOnce(_Noisy):
         return super().__getitem__(i)
 
 
-def _trainer_on(out, dataset) -> Trainer:
-    cfg = TrainConfig(
-        out_dir=str(out),
-        max_steps=8,
-        batch_size=3,
-        lr=1e-2,
-        log_every=1,
-        eval_every=2,
-        schedule="cosine",
-        warmup_steps=2,
-    )
-    evaluate = lambda m: {"score": -float(m[0].weight.abs().sum())}  # noqa: E731
-    return Trainer(_model(), dataset, cfg, _loss, evaluate, primary_metric="score")
-
-
 def test_ctrl_c_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
-    full = _losses(_trainer_on(tmp_path / "full", _Noisy()).fit(progress=False))
+    full = _losses(_trainer(tmp_path / "full").fit(progress=False))
     with pytest.raises(TrainingInterrupted, match="interrupted at step 3"):
-        _trainer_on(tmp_path / "part", _InterruptedOnce()).fit(progress=False)
+        _trainer(tmp_path / "part", dataset=_InterruptedOnce()).fit(progress=False)
     _, meta = read_state_dict(tmp_path / "part" / "last.safetensors")
     assert meta.extra["step"] == 3
-    resumed = _trainer_on(tmp_path / "part", _Noisy()).fit(resume=True, progress=False)
+    resumed = _trainer(tmp_path / "part").fit(resume=True, progress=False)
     assert _losses(resumed) == full  # bit-identical, not approximately equal
     a, _ = read_state_dict(tmp_path / "full" / "last.safetensors")
     b, _ = read_state_dict(tmp_path / "part" / "last.safetensors")
