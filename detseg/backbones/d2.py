@@ -1,0 +1,160 @@
+"""detectron2-named ResNet + FPN, so detectron2 model-zoo checkpoints load with ``strict=True``.
+
+Module names follow detectron2's ``build_resnet_fpn_backbone``: ``bottom_up.stem.conv1`` (with its
+FrozenBN as ``conv1.norm``), ``bottom_up.res{2..5}.{i}.conv{1,2,3}`` and ``.shortcut``,
+``fpn_lateral{2..5}`` and ``fpn_output{2..5}``. The layout is MSRA's (stride in the first 1x1 when
+``stride_in_1x1``), FrozenBN with eps 1e-5, FPN with sum fusion, nearest x2 top-down and
+P6 = max_pool(P5, kernel 1, stride 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+DEPTH_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+class ConvNorm(nn.Conv2d):
+    """``nn.Conv2d`` without bias followed by its FrozenBN, stored as ``.norm`` (detectron2 names)."""
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1
+    ) -> None:
+        pad = dilation * (kernel - 1) // 2
+        super().__init__(cin, cout, kernel, stride, pad, dilation=dilation, bias=False)
+        self.norm = FrozenBatchNorm2d(cout, eps=1e-5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(super().forward(x))
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 -> 3x3 -> 1x1 bottleneck with projection shortcut when the shape changes."""
+
+    def __init__(
+        self, cin: int, cout: int, bottleneck: int, stride: int, stride_in_1x1: bool, dilation: int
+    ) -> None:
+        super().__init__()
+        if cin != cout:
+            self.shortcut = ConvNorm(cin, cout, 1, stride)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = ConvNorm(cin, bottleneck, 1, s1)
+        self.conv2 = ConvNorm(bottleneck, bottleneck, 3, s3, dilation)
+        self.conv3 = ConvNorm(bottleneck, cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
+        out = self.conv3(out)
+        short = self.shortcut(x) if hasattr(self, "shortcut") else x
+        return F.relu_(out + short)
+
+
+class BasicStem(nn.Module):
+    """7x7/2 conv + FrozenBN + ReLU + 3x3/2 max pool (stride 4)."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 64) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(in_channels, out_channels, 7, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=1)
+
+
+class ResNet(nn.Module):
+    """detectron2 ResNet returning ``{"res2": (N,256,H/4,W/4), ..., "res5": (N,2048,H/32,W/32)}``."""
+
+    def __init__(
+        self,
+        depth: int = 50,
+        stride_in_1x1: bool = True,
+        width_per_group: int = 64,
+        stem_out_channels: int = 64,
+        res2_out_channels: int = 256,
+        res5_dilation: int = 1,
+    ) -> None:
+        super().__init__()
+        self.stem = BasicStem(3, stem_out_channels)
+        cin, cout, bottleneck = stem_out_channels, res2_out_channels, width_per_group
+        for i, n in enumerate(DEPTH_BLOCKS[depth]):
+            dilation = res5_dilation if i == 3 else 1
+            first_stride = 1 if i == 0 or dilation > 1 else 2
+            blocks = []
+            for b in range(n):
+                stride = first_stride if b == 0 else 1
+                blocks.append(
+                    BottleneckBlock(cin, cout, bottleneck, stride, stride_in_1x1, dilation)
+                )
+                cin = cout
+            self.add_module(f"res{i + 2}", nn.Sequential(*blocks))
+            cout, bottleneck = cout * 2, bottleneck * 2
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.stem(x)
+        out = {}
+        for i in range(2, 6):
+            x = getattr(self, f"res{i}")(x)
+            out[f"res{i}"] = x
+        return out
+
+
+class ResNetFPN(nn.Module):
+    """detectron2 ``build_resnet_fpn_backbone``: ``forward(image (N,3,H,W)) -> (p2, p3, p4, p5, p6)``.
+
+    H and W must be multiples of 32 (detectron2 pads the batch to that). The keyword arguments are
+    detectron2's config values; only the R-50/101 FrozenBN, sum-fusion, max-pool-P6 setting exists.
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        stride_in_1x1: bool = True,
+        norm: str = "FrozenBN",
+        num_groups: int = 1,
+        width_per_group: int = 64,
+        stem_out_channels: int = 64,
+        res2_out_channels: int = 256,
+        res5_dilation: int = 1,
+        out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
+        fpn_in_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
+        fpn_out_channels: int = 256,
+        fpn_norm: str = "",
+        fpn_fuse_type: str = "sum",
+        top_block: str = "LastLevelMaxPool",
+    ) -> None:
+        super().__init__()
+        supported = (norm, num_groups, fpn_norm, fpn_fuse_type, top_block)
+        if supported != ("FrozenBN", 1, "", "sum", "LastLevelMaxPool"):
+            raise ValueError(f"unsupported detectron2 backbone setting {supported}")
+        self.bottom_up = ResNet(
+            depth,
+            stride_in_1x1,
+            width_per_group,
+            stem_out_channels,
+            res2_out_channels,
+            res5_dilation,
+        )
+        self.in_features = list(fpn_in_features)
+        for name in self.in_features:
+            level = int(name[-1])
+            cin = res2_out_channels * 2 ** (level - 2)
+            self.add_module(f"fpn_lateral{level}", nn.Conv2d(cin, fpn_out_channels, 1))
+            self.add_module(
+                f"fpn_output{level}", nn.Conv2d(fpn_out_channels, fpn_out_channels, 3, padding=1)
+            )
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        feats = self.bottom_up(image)
+        levels = [int(n[-1]) for n in self.in_features]
+        prev = getattr(self, f"fpn_lateral{levels[-1]}")(feats[self.in_features[-1]])
+        outs = [getattr(self, f"fpn_output{levels[-1]}")(prev)]
+        for name, level in zip(self.in_features[-2::-1], levels[-2::-1], strict=True):
+            lateral = getattr(self, f"fpn_lateral{level}")(feats[name])
+            prev = lateral + F.interpolate(prev, scale_factor=2.0, mode="nearest")
+            outs.insert(0, getattr(self, f"fpn_output{level}")(prev))
+        outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+        return tuple(outs)
