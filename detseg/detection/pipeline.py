@@ -235,10 +235,10 @@ def draw_detections(
         name = class_names[label] if label < len(class_names) else str(label)
         text = f"{name} {score:.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, thick)
-        top = max(y1 - th - base, 0)
-        cv2.rectangle(out, (x1, top), (x1 + tw, top + th + base), colour, -1)
+        top, left = max(y1 - th - base, 0), max(min(x1, out.shape[1] - tw), 0)
+        cv2.rectangle(out, (left, top), (left + tw, top + th + base), colour, -1)
         cv2.putText(
-            out, text, (x1, top + th), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 0, 0), thick
+            out, text, (left, top + th), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 0, 0), thick
         )
     return out
 

@@ -111,3 +111,16 @@ def test_bad_settings_and_missing_class() -> None:
     empty = DetectionSet([], [Category(1, "square")], Path("nowhere"))
     with pytest.raises(DetsegError, match="no 'square' boxes"):
         train_hog_svm(empty, **SMALL)
+
+
+@pytest.mark.slow
+def test_balloon_val_ap50(shared: Path, tmp_path: Path) -> None:
+    """Trained on balloon train (2 hard-negative rounds), box AP50 on val is 0.4645 here."""
+    from detseg.detection.pipeline import train_detection
+    from tests.conftest import need
+
+    root = need(shared / "data" / "balloon")
+    summary = train_detection(
+        model="hog_svm", data=root, out_dir=tmp_path, class_name="balloon", progress=False
+    )
+    assert summary["best_AP50"] > 0.4, summary
