@@ -229,9 +229,17 @@ def test_gcn_kernel_must_be_odd():
     assert gcn.gcm[0].left[0].kernel_size == (7, 1) and gcn.gcm[0].left[0].padding == (3, 0)
 
 
+def _scored_fcn_vgg() -> FCNVGG:
+    """FCN-8s VGG with random score layers (they start at zero, which would hide any mismatch)."""
+    model = FCNVGG(3, stride=8)
+    for conv in (model.score_fr, model.score_pool4, model.score_pool3):
+        torch.nn.init.normal_(conv.weight, std=0.05)
+    return model
+
+
 # name -> (builder, input size, output size): one net per family, small odd inputs
 ONNX_CASES = {
-    "fcn8s_vgg16": (lambda: FCNVGG(3, stride=8), (37, 45), (37, 45)),
+    "fcn8s_vgg16": (_scored_fcn_vgg, (37, 45), (37, 45)),
     "fcn8s_resnet18": (
         lambda: get_entry("fcn8s_resnet18").build(num_classes=3),
         (37, 45),
@@ -266,4 +274,5 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     assert got.shape == ref.shape == (1, 3, *out_size)
+    assert abs(ref).max() > 1e-3  # a non-trivial output
     assert abs(got - ref).max() <= 1e-4 * max(1.0, float(abs(ref).max()))
