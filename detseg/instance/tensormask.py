@@ -1,0 +1,350 @@
+"""TensorMask (Chen, Girshick, He, Dollár, ICCV 2019): dense sliding-window instance segmentation.
+
+A RetinaNet-like one-stage detector whose windows (detectron2's anchors: two square windows per
+location of P2..P7) each carry an M×M mask. The released configuration is the tensor bipyramid:
+the mask features of every level are upsampled to P2 resolution and fused with P2's, a 1×1 conv
+predicts the *aligned* representation on the P2 grid, and SwapAlign2Nat (λ = 2^k) turns it into
+the *natural* representation of level k (one (m·2^k)² mask per P_k location, 4 input pixels per
+mask pixel at every level). Module and parameter names follow detectron2's
+``projects/TensorMask/tensormask/arch.py`` so its checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import batched_nms
+
+from detseg.ops.swap_align2nat import DEFAULT_PAD, SwapAlign2Nat, swap_align2nat_windows
+from detseg.results import Instances
+
+WINDOW_SIZES = ((44, 60), (88, 120), (176, 240), (352, 480), (704, 960), (1408, 1920))
+STRIDES = (4, 8, 16, 32, 64, 128)
+BBOX_REG_WEIGHTS = (1.5, 1.5, 0.75, 0.75)
+SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def _tower(in_channels: int, channels: int, num_convs: int) -> nn.Sequential:
+    """``num_convs`` × [conv3x3 + ReLU]; convs at Sequential indices 0, 2, 4, ..."""
+    layers: list[nn.Module] = []
+    for i in range(num_convs):
+        layers += [
+            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
+            nn.ReLU(),
+        ]
+    return nn.Sequential(*layers)
+
+
+class TensorMaskHead(nn.Module):
+    """Shared class / box / mask towers of TensorMask over the pyramid levels.
+
+    Args:
+        in_channels: channels of every input level (256).
+        num_classes: K, sigmoid classes, no background (80).
+        num_convs: convs per tower (4).
+        cls_channels, bbox_channels, mask_channels: tower widths (256, 128, 128).
+        num_levels: pyramid levels P2.. (6 = P2..P7).
+        num_anchors: A, windows per location (2).
+        mask_sizes: base mask side m per window size (``[44 // 4, 60 // 4] = [11, 15]``).
+        mask_on, aligned_on, bipyramid_on: the released model has all three True; with
+            ``aligned_on=False`` the mask convs predict natural m×m masks directly, with
+            ``bipyramid_on=False`` SwapAlign2Nat(1) is applied per level.
+        apply_swap_align2nat: False returns the aligned masks (what the parity fixture pins).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        num_classes: int = 80,
+        num_convs: int = 4,
+        cls_channels: int = 256,
+        bbox_channels: int = 128,
+        mask_channels: int = 128,
+        num_levels: int = 6,
+        num_anchors: int = 2,
+        mask_sizes: Sequence[int] = (11, 15),
+        mask_on: bool = True,
+        aligned_on: bool = True,
+        bipyramid_on: bool = True,
+        apply_swap_align2nat: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_levels = num_levels
+        self.mask_sizes = list(mask_sizes)
+        self.mask_on = mask_on
+        self.aligned_on = aligned_on
+        self.bipyramid_on = bipyramid_on
+        self.apply_swap_align2nat = apply_swap_align2nat
+        self.cls_subnet = _tower(in_channels, cls_channels, num_convs)
+        self.cls_score = nn.Conv2d(cls_channels, num_anchors * num_classes, 3, padding=1)
+        self.bbox_subnet = _tower(in_channels, bbox_channels, num_convs)
+        self.bbox_pred = nn.Conv2d(bbox_channels, num_anchors * 4, 3, padding=1)
+        if mask_on:
+            self.mask_subnet = _tower(in_channels, mask_channels, num_convs)
+            for m in self.mask_sizes:
+                self.add_module(f"mask_pred_{m:02d}", nn.Conv2d(mask_channels, m * m, 1))
+            if bipyramid_on:
+                self.mask_fuse = _tower(mask_channels, mask_channels, 1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, std=0.01)
+                nn.init.zeros_(module.bias)
+        nn.init.constant_(self.cls_score.bias, -math.log((1 - 0.01) / 0.01))
+
+    def level_lambda(self, level: int) -> int:
+        """λ of SwapAlign2Nat at ``level`` (0 = P2): 2^level with the bipyramid, else 1."""
+        return 2**level if self.bipyramid_on else 1
+
+    def mask_features(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """Per level (N, mask_channels, h, w): mask-tower features (P2-sized with the bipyramid)."""
+        feats = [self.mask_subnet(f) for f in features]
+        if not self.bipyramid_on:
+            return feats
+        high = feats[0]
+        height, width = high.shape[-2:]
+        fused = []
+        for level, feat in enumerate(feats):
+            if level > 0:
+                feat = F.interpolate(
+                    feat, scale_factor=float(2**level), mode="bilinear", align_corners=False
+                )
+            fused.append(self.mask_fuse(feat[:, :, :height, :width] + high))
+        return fused
+
+    def aligned_masks(self, features: Sequence[Tensor]) -> list[list[Tensor]]:
+        """Per level, per window size: (N, m², h, w) mask logits before SwapAlign2Nat."""
+        return [
+            [getattr(self, f"mask_pred_{m:02d}")(feat) for m in self.mask_sizes]
+            for feat in self.mask_features(features)
+        ]
+
+    def forward(self, *features: Tensor) -> tuple[Tensor, ...]:
+        """P2.. levels, each (N, in_channels, H_k, W_k) -> flat tuple of raw outputs.
+
+        Returns, in order: ``num_levels`` class logits (N, A·K, H_k, W_k) (channel a·K + class),
+        ``num_levels`` box deltas (N, A·4, H_k, W_k) (channel a·4 + (dx, dy, dw, dh)), then for
+        each level each window size a mask tensor: natural (N, M², H_k, W_k) (channel v·M + u,
+        M = λ_k·m) when ``aligned_on and apply_swap_align2nat``, else as predicted
+        ((N, m², H_2, W_2) aligned with the bipyramid).
+        """
+        logits = [self.cls_score(self.cls_subnet(f)) for f in features]
+        deltas = [self.bbox_pred(self.bbox_subnet(f)) for f in features]
+        masks: list[Tensor] = []
+        if self.mask_on:
+            for level, per_size in enumerate(self.aligned_masks(features)):
+                if self.aligned_on and self.apply_swap_align2nat:
+                    swap = SwapAlign2Nat(self.level_lambda(level), DEFAULT_PAD)
+                    per_size = [swap(m) for m in per_size]
+                masks.extend(per_size)
+        return (*logits, *deltas, *masks)
+
+
+def split_head_outputs(
+    outputs: Sequence[Tensor], num_levels: int
+) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
+    """Flat :meth:`TensorMaskHead.forward` output -> (logits per level, deltas per level,
+    masks per level per window size)."""
+    logits = list(outputs[:num_levels])
+    deltas = list(outputs[num_levels : 2 * num_levels])
+    rest = list(outputs[2 * num_levels :])
+    per_level = len(rest) // num_levels if rest else 0
+    masks = [rest[k * per_level : (k + 1) * per_level] for k in range(num_levels)] if rest else []
+    return logits, deltas, masks
+
+
+def grid_windows(
+    height: int, width: int, stride: int, sizes: Sequence[float], device=None, dtype=None
+) -> Tensor:
+    """Square windows of one level, (height·width·A, 4) xyxy pixels, order (h, w, a).
+
+    Window (h, w, a) is centred at (w·stride, h·stride) (no half-stride offset) with side
+    ``sizes[a]``, unrounded and unclipped.
+    """
+    dtype = dtype or torch.float32
+    half = torch.tensor(sizes, device=device, dtype=dtype) / 2
+    ys = torch.arange(height, device=device, dtype=dtype) * stride
+    xs = torch.arange(width, device=device, dtype=dtype) * stride
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    cx, cy = cx.reshape(-1, 1), cy.reshape(-1, 1)
+    boxes = torch.stack((cx - half, cy - half, cx + half, cy + half), dim=-1)
+    return boxes.reshape(-1, 4)
+
+
+def decode_boxes(deltas: Tensor, windows: Tensor) -> Tensor:
+    """(R, 4) deltas (dx, dy, dw, dh) relative to (R, 4) xyxy windows -> (R, 4) xyxy boxes.
+
+    Weights (1.5, 1.5, 0.75, 0.75), dw/dh clamped at log(1000/16), width = x2 − x1 (no +1).
+    """
+    coder = BoxCoder(BBOX_REG_WEIGHTS, bbox_xform_clip=SCALE_CLAMP)
+    return coder.decode_single(deltas, windows)
+
+
+def natural_masks_at(
+    aligned: Tensor, level: int, bipyramid_on: bool, batch_index: Tensor, rows: Tensor, cols: Tensor
+) -> Tensor:
+    """Natural mask logits of selected windows only: (K, M, M), without the dense tensor.
+
+    Args:
+        aligned: (N, m², H, W) aligned logits of one level and window size (P2 grid with the
+            bipyramid).
+        level: 0 = P2; λ = 2^level with the bipyramid, 1 without.
+        batch_index, rows, cols: (K,) int64 image index and level-k grid cell (h, w).
+    """
+    lam = 2**level if bipyramid_on else 1
+    return swap_align2nat_windows(aligned, lam, batch_index, rows, cols, DEFAULT_PAD)
+
+
+def level_windows(shapes: Sequence[tuple[int, int]], device=None, dtype=None) -> list[Tensor]:
+    """Windows of every level for feature sizes ``shapes`` [(H_k, W_k)], P2 first (§3 sizes)."""
+    return [
+        grid_windows(h, w, STRIDES[k], WINDOW_SIZES[k], device=device, dtype=dtype)
+        for k, (h, w) in enumerate(shapes)
+    ]
+
+
+def select_detections(
+    logits: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    windows: Sequence[Tensor],
+    score_thresh: float = 0.05,
+    topk_candidates: int = 6000,
+    nms_thresh: float = 0.5,
+    max_detections: int = 100,
+) -> dict[str, Tensor]:
+    """Top-k, box decoding and per-class NMS for one image, jointly over all levels.
+
+    Args:
+        logits: per level (A·K, H_k, W_k) class logits of one image.
+        deltas: per level (A·4, H_k, W_k) box deltas.
+        windows: per level (H_k·W_k·A, 4) xyxy windows from :func:`level_windows`.
+
+    Returns:
+        ``boxes`` (R, 4) xyxy (unclipped), ``scores`` (R,) sigmoid probabilities,
+        ``classes`` (R,) int64, ``windows`` (R, 4) xyxy, and the window index 4-tuple
+        ``level``, ``row``, ``col``, ``anchor`` (R,) int64; R ≤ ``max_detections``, by
+        descending score.
+    """
+    num_anchors = deltas[0].shape[0] // 4
+    num_classes = logits[0].shape[0] // num_anchors
+    flat_scores, flat_deltas, index = [], [], []
+    for k, (cls, box) in enumerate(zip(logits, deltas, strict=True)):
+        _, h, w = cls.shape
+        flat_scores.append(cls.view(num_anchors * num_classes, h * w).t().reshape(-1))
+        flat_deltas.append(box.view(num_anchors * 4, h * w).t().reshape(-1, 4))
+        cell = torch.arange(h * w * num_anchors, device=cls.device)
+        a, hw = cell % num_anchors, cell // num_anchors
+        index.append(torch.stack((torch.full_like(cell, k), hw // w, hw % w, a), dim=1))
+    probs = torch.cat(flat_scores).sigmoid()
+    candidates = torch.nonzero(probs > score_thresh).squeeze(1)
+    scores, order = probs[candidates].sort(descending=True)
+    scores, candidates = scores[:topk_candidates], candidates[order[:topk_candidates]]
+    window_idx, classes = candidates // num_classes, candidates % num_classes
+    all_windows = torch.cat(list(windows))[window_idx]
+    boxes = decode_boxes(torch.cat(flat_deltas)[window_idx], all_windows)
+    keep = batched_nms(boxes, scores, classes, nms_thresh)[:max_detections]
+    level, row, col, anchor = torch.cat(index)[window_idx[keep]].unbind(1)
+    return {
+        "boxes": boxes[keep],
+        "scores": scores[keep],
+        "classes": classes[keep],
+        "windows": all_windows[keep],
+        "level": level,
+        "row": row,
+        "col": col,
+        "anchor": anchor,
+    }
+
+
+def paste_masks(
+    masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5
+) -> Tensor:
+    """Paste (R, M, M) probabilities into (R, 4) xyxy boxes of a (height, width) image.
+
+    detectron2's ``paste_masks_in_image`` rule: pixel (i, j) has centre (j + 0.5, i + 0.5), is
+    sampled bilinearly (``align_corners=False``, zero outside the mask) at its position relative
+    to the box, and is on where the value is ≥ ``threshold``. Returns (R, height, width) bool.
+    """
+    if masks.shape[0] == 0:
+        return torch.zeros(0, height, width, dtype=torch.bool, device=masks.device)
+    dtype = masks.dtype
+    x0, y0, x1, y1 = boxes.to(dtype).unbind(1)
+    ys = torch.arange(height, device=masks.device, dtype=dtype) + 0.5
+    xs = torch.arange(width, device=masks.device, dtype=dtype) + 0.5
+    gy = (ys[None] - y0[:, None]) / (y1 - y0)[:, None] * 2 - 1
+    gx = (xs[None] - x0[:, None]) / (x1 - x0)[:, None] * 2 - 1
+    grid = torch.stack(
+        (gx[:, None, :].expand(-1, height, -1), gy[:, :, None].expand(-1, -1, width)), dim=3
+    )
+    pasted = F.grid_sample(masks[:, None], grid, mode="bilinear", align_corners=False)
+    return pasted[:, 0] >= threshold
+
+
+def detection_masks(
+    aligned: Sequence[Sequence[Tensor]], dets: dict[str, Tensor], image: int, bipyramid_on: bool
+) -> list[Tensor]:
+    """Natural mask probabilities of the kept detections only (memory ∝ detections).
+
+    Args:
+        aligned: per level, per window size (N, m², H, W) aligned logits
+            (:meth:`TensorMaskHead.aligned_masks`).
+        dets: :func:`select_detections` output for image ``image``.
+
+    Returns:
+        One (M, M) float probability map per detection, M = λ_k·m_a.
+    """
+    out: list[Tensor | None] = [None] * len(dets["scores"])
+    for k, per_size in enumerate(aligned):
+        for a, logits in enumerate(per_size):
+            sel = torch.nonzero((dets["level"] == k) & (dets["anchor"] == a)).squeeze(1)
+            if sel.numel() == 0:
+                continue
+            batch = torch.full_like(sel, image)
+            probs = natural_masks_at(
+                logits, k, bipyramid_on, batch, dets["row"][sel], dets["col"][sel]
+            ).sigmoid()
+            for i, p in zip(sel.tolist(), probs, strict=True):
+                out[i] = p
+    return out
+
+
+def postprocess(
+    dets: dict[str, Tensor],
+    masks: Sequence[Tensor],
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+) -> Instances:
+    """Scale one image's detections from the network input (resized, unpadded) to the output size.
+
+    Boxes are scaled, clipped and empty ones dropped; windows are scaled without clipping and
+    each mask is pasted into its **window** box (not the regressed box), threshold 0.5.
+    """
+    out_h, out_w = output_size
+    scale = torch.tensor(
+        [out_w / input_size[1], out_h / input_size[0]] * 2,
+        device=dets["boxes"].device,
+        dtype=dets["boxes"].dtype,
+    )
+    boxes = dets["boxes"] * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, out_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h)
+    keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
+    windows = dets["windows"][keep] * scale
+    pasted = torch.zeros(len(keep), out_h, out_w, dtype=torch.bool, device=boxes.device)
+    kept_masks = [masks[i] for i in keep.tolist()]
+    for side in sorted({m.shape[-1] for m in kept_masks}):
+        group = [i for i, m in enumerate(kept_masks) if m.shape[-1] == side]
+        idx = torch.tensor(group, device=boxes.device, dtype=torch.long)
+        stacked = torch.stack([kept_masks[i] for i in group])
+        pasted[idx] = paste_masks(stacked, windows[idx], out_h, out_w)
+    return Instances(
+        boxes=boxes[keep], scores=dets["scores"][keep], labels=dets["classes"][keep], masks=pasted
+    )

@@ -1,0 +1,212 @@
+"""TensorMask: head parity (d2_tensormask_head), checkpoint names, sparse masks, inference steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from detseg.instance.tensormask import (
+    TensorMaskHead,
+    decode_boxes,
+    detection_masks,
+    grid_windows,
+    level_windows,
+    paste_masks,
+    postprocess,
+    select_detections,
+    split_head_outputs,
+)
+from detseg.ops.swap_align2nat import swap_align2nat
+from tests.parity import fixture_names, parity_dir, run_fixture
+
+FIXTURES = fixture_names("d2_tensormask")
+
+
+def test_fixtures_found() -> None:
+    if parity_dir().is_dir():
+        assert FIXTURES == ["d2_tensormask_head"]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_parity(name: str) -> None:
+    diffs = run_fixture(name)
+    assert len(diffs) == 24
+    assert max(diffs.values()) <= 1e-4, diffs
+
+
+def test_head_checkpoint_names_and_shapes() -> None:
+    with torch.device("meta"):
+        state = TensorMaskHead().state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert len(shapes) == 34
+    assert sum(math.prod(s) for s in shapes.values()) == 4_406_146
+    assert shapes["cls_score.weight"] == (160, 256, 3, 3)
+    assert shapes["bbox_pred.weight"] == (8, 128, 3, 3)
+    assert shapes["bbox_subnet.0.weight"] == (128, 256, 3, 3)
+    assert shapes["mask_subnet.6.weight"] == (128, 128, 3, 3)
+    assert shapes["mask_pred_11.weight"] == (121, 128, 1, 1)
+    assert shapes["mask_pred_15.bias"] == (225,)
+    assert shapes["mask_fuse.0.weight"] == (128, 128, 3, 3)
+    assert set(TensorMaskHead(bipyramid_on=False).state_dict()) == set(shapes) - {
+        "mask_fuse.0.weight",
+        "mask_fuse.0.bias",
+    }
+
+
+def test_init_prior() -> None:
+    head = TensorMaskHead(in_channels=4, cls_channels=4, bbox_channels=4, mask_channels=4)
+    assert torch.allclose(head.cls_score.bias, torch.full((160,), -math.log(99.0)))
+    assert float(head.mask_pred_11.bias.detach().abs().max()) == 0.0
+
+
+def _small_head(**kwargs) -> TensorMaskHead:
+    head = TensorMaskHead(
+        in_channels=4,
+        num_classes=3,
+        cls_channels=4,
+        bbox_channels=4,
+        mask_channels=4,
+        num_levels=3,
+        mask_sizes=(3, 5),
+        **kwargs,
+    )
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    return head.eval()
+
+
+def _features() -> list[torch.Tensor]:
+    return [torch.randn(2, 4, 8 // 2**k, 12 // 2**k) for k in range(3)]
+
+
+def test_natural_masks_dense_equals_sparse() -> None:
+    head = _small_head()
+    feats = _features()
+    with torch.no_grad():
+        logits, deltas, natural = split_head_outputs(head(*feats), 3)
+        aligned = head.aligned_masks(feats)
+    assert [tuple(x.shape) for x in logits] == [(2, 6, 8, 12), (2, 6, 4, 6), (2, 6, 2, 3)]
+    assert [tuple(m.shape) for m in natural[2]] == [(2, 144, 2, 3), (2, 400, 2, 3)]
+    for k in range(3):
+        for a, m in enumerate((3, 5)):
+            dense = natural[k][a]
+            assert torch.equal(dense, swap_align2nat(aligned[k][a], 2**k, -6.0))
+            side = m * 2**k
+            rows = torch.arange(dense.shape[2]).repeat_interleave(dense.shape[3])
+            cols = torch.arange(dense.shape[3]).repeat(dense.shape[2])
+            dets = {
+                "scores": torch.ones(len(rows)),
+                "level": torch.full_like(rows, k),
+                "anchor": torch.full_like(rows, a),
+                "row": rows,
+                "col": cols,
+            }
+            sparse = detection_masks(aligned, dets, 1, bipyramid_on=True)
+            want = dense[1].permute(1, 2, 0).reshape(-1, side, side).sigmoid()
+            assert torch.allclose(torch.stack(sparse), want, atol=1e-6)
+
+
+def test_bipyramid_p2_fuses_with_itself() -> None:
+    head = _small_head()
+    feats = _features()
+    with torch.no_grad():
+        fused = head.mask_features(feats)
+        f0 = head.mask_subnet(feats[0])
+        assert torch.allclose(fused[0], head.mask_fuse(2 * f0))
+        assert all(f.shape[-2:] == (8, 12) for f in fused)
+
+
+def test_non_bipyramid_variants() -> None:
+    feats = _features()
+    with torch.no_grad():
+        _, _, natural = split_head_outputs(_small_head(bipyramid_on=False)(*feats), 3)
+        _, _, plain = split_head_outputs(
+            _small_head(aligned_on=False, bipyramid_on=False)(*feats), 3
+        )
+    assert tuple(natural[1][0].shape) == (2, 9, 4, 6)
+    assert tuple(plain[2][1].shape) == (2, 25, 2, 3)
+
+
+def test_grid_windows_hand_worked() -> None:
+    boxes = grid_windows(2, 3, 4, (44, 60))
+    assert boxes.shape == (12, 4)
+    # (h=1, w=2, a=1): centre (8, 4), side 60.
+    assert boxes[(1 * 3 + 2) * 2 + 1].tolist() == [-22.0, -26.0, 38.0, 34.0]
+    assert boxes[0].tolist() == [-22.0, -22.0, 22.0, 22.0]
+    assert [tuple(w.shape) for w in level_windows([(2, 3), (1, 2)])] == [(12, 4), (4, 4)]
+    assert level_windows([(1, 1), (1, 1)])[1][1].tolist() == [-60.0, -60.0, 60.0, 60.0]
+
+
+def test_decode_boxes_hand_worked() -> None:
+    window = torch.tensor([[0.0, 0.0, 40.0, 40.0]]).repeat(3, 1)
+    deltas = torch.tensor(
+        [[0.0, 0.0, 0.0, 0.0], [1.5, -0.75, 0.0, 0.0], [0.0, 0.0, 0.75 * math.log(2), 100.0]]
+    )
+    boxes = decode_boxes(deltas, window)
+    assert torch.allclose(boxes[0], window[0])
+    assert torch.allclose(boxes[1], torch.tensor([40.0, -20.0, 80.0, 20.0]))
+    half_h = 20 * 1000 / 16  # dh clamped at log(1000/16)
+    assert torch.allclose(boxes[2], torch.tensor([-20.0, 20 - half_h, 60.0, 20 + half_h]))
+
+
+def test_select_detections_indices_and_nms() -> None:
+    num_classes, anchors = 3, 2
+    logits = [torch.full((anchors * num_classes, 2, 3), -10.0), torch.full((6, 1, 2), -10.0)]
+    deltas = [torch.zeros(8, 2, 3), torch.zeros(8, 1, 2)]
+    logits[1][1 * num_classes + 2, 0, 1] = 3.0  # level 1, h 0, w 1, anchor 1, class 2
+    logits[0][0 * num_classes + 2, 1, 0] = 2.0  # level 0, h 1, w 0, anchor 0, class 2
+    logits[0][1 * num_classes + 2, 1, 0] = 1.0  # same place, bigger window: IoU 0.54 > 0.5
+    logits[0][1 * num_classes + 0, 0, 2] = -2.0  # p = 0.119 > 0.05, class 0
+    windows = level_windows([(2, 3), (1, 2)])
+    dets = select_detections(logits, deltas, windows)
+    assert dets["scores"].tolist() == pytest.approx(
+        [torch.sigmoid(torch.tensor(v)).item() for v in (3.0, 2.0, -2.0)]
+    )
+    assert dets["classes"].tolist() == [2, 2, 0]
+    assert dets["level"].tolist() == [1, 0, 0]
+    assert dets["row"].tolist() == [0, 1, 0]
+    assert dets["col"].tolist() == [1, 0, 2]
+    assert dets["anchor"].tolist() == [1, 0, 1]
+    assert dets["boxes"][0].tolist() == [8 - 60, -60, 8 + 60, 60]
+    assert torch.equal(dets["boxes"], dets["windows"])
+    assert len(select_detections(logits, deltas, windows, max_detections=1)["scores"]) == 1
+    assert len(select_detections(logits, deltas, windows, score_thresh=0.99)["scores"]) == 0
+
+
+def test_paste_masks_hand_worked() -> None:
+    mask = torch.ones(1, 4, 4)
+    mask[0, 0, 0] = 0.0
+    pasted = paste_masks(mask, torch.tensor([[2.0, 2.0, 6.0, 6.0]]), 8, 9)
+    want = torch.zeros(8, 9, dtype=torch.bool)
+    want[2:6, 2:6] = True
+    want[2, 2] = False
+    assert torch.equal(pasted[0], want)
+    # Scaled x2: image pixel j samples mask coordinate (j + 0.5)/2 - 0.5. Pixel (1, 1) reads
+    # 1 - 0.75² = 0.4375 (off); pixel (0, 2) reads 0.75 (zero pad above) x 0.75 = 0.5625 (on);
+    # the far corner (7, 7) reads 0.75 x 0.75 (zero outside, not edge-clamped).
+    pasted2 = paste_masks(mask, torch.tensor([[0.0, 0.0, 8.0, 8.0]]), 8, 8)[0]
+    off = torch.zeros(8, 8, dtype=torch.bool)
+    off[0, 0] = off[0, 1] = off[1, 0] = off[1, 1] = True
+    assert torch.equal(pasted2, ~off)
+    low = paste_masks(mask * 0.7, torch.tensor([[0.0, 0.0, 8.0, 8.0]]), 8, 8)[0]
+    assert low[3, 3] and not low[7, 7]  # 0.7 inside; 0.7 x 0.5625 < 0.5 at the corner
+    assert paste_masks(torch.zeros(0, 4, 4), torch.zeros(0, 4), 3, 3).shape == (0, 3, 3)
+
+
+def test_postprocess_scales_clips_and_pastes_into_window() -> None:
+    dets = {
+        "boxes": torch.tensor([[-4.0, 2.0, 6.0, 8.0], [30.0, 30.0, 40.0, 40.0]]),
+        "scores": torch.tensor([0.9, 0.8]),
+        "classes": torch.tensor([1, 0]),
+        "windows": torch.tensor([[0.0, 0.0, 4.0, 4.0], [20.0, 20.0, 24.0, 24.0]]),
+    }
+    masks = [torch.ones(2, 2), torch.ones(4, 4)]
+    out = postprocess(dets, masks, input_size=(10, 12), output_size=(20, 24))
+    assert out.boxes.tolist() == [[0.0, 4.0, 12.0, 16.0]]  # second box clipped to empty
+    assert out.labels.tolist() == [1] and out.scores.tolist() == pytest.approx([0.9])
+    want = torch.zeros(20, 24, dtype=torch.bool)
+    want[:8, :8] = True  # the window (0, 0, 4, 4) scaled x2, not the box
+    want[0, 0] = want[0, 7] = want[7, 0] = want[7, 7] = False  # corners read 0.625² < 0.5
+    assert torch.equal(out.masks[0], want)
