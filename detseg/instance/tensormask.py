@@ -14,12 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import batched_nms
 
+from detseg.ops.masks import polygons_to_rle, rle_to_mask
 from detseg.ops.swap_align2nat import DEFAULT_PAD, SwapAlign2Nat, swap_align2nat_windows
 from detseg.results import Instances
 
@@ -347,4 +349,104 @@ def postprocess(
         pasted[idx] = paste_masks(stacked, windows[idx], out_h, out_w)
     return Instances(
         boxes=boxes[keep], scores=dets["scores"][keep], labels=dets["classes"][keep], masks=pasted
+    )
+
+
+def assign_windows(
+    gt_boxes: Tensor,
+    windows: Tensor,
+    unit_lengths: Tensor,
+    min_window_size: float = 40.0,
+    scale_thresh: float = 2.0,
+    spatial_thresh: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """TensorMask's assignment rule for one image (containment, scale, centrality, uniqueness).
+
+    Window W (side S, unit length s) satisfies GT g iff W contains g, ``S − s ≤ max(2·L_g, 40)``
+    (L_g the GT's long side) and ``‖c_g − c_W‖ / s ≤ 1``. A window satisfied by exactly one GT is
+    positive; by none or several, negative (nothing is ignored).
+
+    Args:
+        gt_boxes: (G, 4) xyxy.
+        windows: (M, 4) xyxy, all levels concatenated.
+        unit_lengths: (M,) the stride of each window's level.
+
+    Returns:
+        ``matches`` (M,) int64 GT index (meaningful where positive) and ``positive`` (M,) bool.
+    """
+    num = windows.shape[0]
+    if gt_boxes.numel() == 0:
+        zeros = torch.zeros(num, dtype=torch.long, device=windows.device)
+        return zeros, zeros.bool()
+    g, w = gt_boxes[:, None], windows[None]
+    contains = (w[..., :2] <= g[..., :2]).all(-1) & (w[..., 2:] >= g[..., 2:]).all(-1)
+    long_side = (gt_boxes[:, 2:] - gt_boxes[:, :2]).max(dim=1).values
+    upper = (long_side * scale_thresh).clamp(min=min_window_size)
+    size = (windows[:, 2:] - windows[:, :2]).max(dim=1).values - unit_lengths
+    scale_ok = upper[:, None] >= size[None]
+    offset = ((g[..., :2] + g[..., 2:]) - (w[..., :2] + w[..., 2:])) / 2 / unit_lengths[:, None]
+    central = (offset * offset).sum(-1) <= spatial_thresh * spatial_thresh
+    assigned = (contains & scale_ok & central).int()
+    count, matches = assigned.sum(dim=0), assigned.argmax(dim=0)
+    return matches, count == 1
+
+
+def encode_boxes(gt_boxes: Tensor, windows: Tensor) -> Tensor:
+    """(R, 4) xyxy targets relative to (R, 4) xyxy windows -> (R, 4) deltas, weights (1.5, 1.5, 0.75, 0.75)."""
+    return BoxCoder(BBOX_REG_WEIGHTS, bbox_xform_clip=SCALE_CLAMP).encode_single(gt_boxes, windows)
+
+
+def window_mask_targets(
+    polygons: Sequence[Sequence[Sequence[float]]], windows: Tensor, side: int
+) -> Tensor:
+    """Rasterise each GT's polygons over its window at ``side × side`` (detectron2 crop_and_resize).
+
+    Args:
+        polygons: per positive window, the matched GT's COCO polygons (image pixels).
+        windows: (R, 4) xyxy square windows.
+        side: M, the mask side of the window's level in the bipyramid.
+
+    Returns:
+        (R, side, side) bool; parts of the window outside the image are simply 0 when the polygon
+        lies inside the image.
+    """
+    out = np.zeros((len(polygons), side, side), dtype=bool)
+    for i, (polys, box) in enumerate(zip(polygons, windows.tolist(), strict=True)):
+        scale = side / (box[2] - box[0])
+        shifted = []
+        for poly in polys:
+            xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2) - box[:2]
+            shifted.append((xy * scale).reshape(-1).tolist())
+        out[i] = rle_to_mask(polygons_to_rle(shifted, side, side)).astype(bool)
+    return torch.from_numpy(out).to(windows.device)
+
+
+def focal_loss_star(
+    logits: Tensor, targets: Tensor, gamma: float = 3.0, alpha: float = 0.3
+) -> Tensor:
+    """FL* (RetinaNet appendix; fvcore ``sigmoid_focal_loss_star``), summed.
+
+    ``−log σ(γ·x·(2t − 1)) / γ · (α·t + (1 − α)(1 − t))`` per logit x and 0/1 target t.
+    """
+    signed = logits * (2 * targets - 1)
+    loss = -F.logsigmoid(gamma * signed) / gamma
+    return (loss * (alpha * targets + (1 - alpha) * (1 - targets))).sum()
+
+
+def mask_loss(
+    logits: Tensor, targets: Tensor, loss_weight: float = 2.0, pos_weight: float = 1.5
+) -> Tensor:
+    """Summed over windows: ``loss_weight`` × the per-window pixel mean of BCE with pos_weight.
+
+    Args:
+        logits: (F, M, M) natural mask logits of the positive windows of one (level, size).
+        targets: (F, M, M) 0/1.
+    """
+    side = logits.shape[-1]
+    return F.binary_cross_entropy_with_logits(
+        logits,
+        targets.to(logits.dtype),
+        weight=torch.full_like(logits, loss_weight / side**2),
+        pos_weight=torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device),
+        reduction="sum",
     )

@@ -9,14 +9,19 @@ import torch
 
 from detseg.instance.tensormask import (
     TensorMaskHead,
+    assign_windows,
     decode_boxes,
     detection_masks,
+    encode_boxes,
+    focal_loss_star,
     grid_windows,
     level_windows,
+    mask_loss,
     paste_masks,
     postprocess,
     select_detections,
     split_head_outputs,
+    window_mask_targets,
 )
 from detseg.ops.swap_align2nat import swap_align2nat
 from tests.parity import fixture_names, parity_dir, run_fixture
@@ -210,3 +215,82 @@ def test_postprocess_scales_clips_and_pastes_into_window() -> None:
     want[:8, :8] = True  # the window (0, 0, 4, 4) scaled x2, not the box
     want[0, 0] = want[0, 7] = want[7, 0] = want[7, 7] = False  # corners read 0.625² < 0.5
     assert torch.equal(out.masks[0], want)
+
+
+def _assign_brute_force(gt: torch.Tensor, windows: torch.Tensor, unit: torch.Tensor) -> list[int]:
+    """The rule written per pair, literally: -1 negative, else the matched GT index."""
+    out = []
+    for w, s in zip(windows.tolist(), unit.tolist(), strict=True):
+        hits = []
+        for j, g in enumerate(gt.tolist()):
+            contains = w[0] <= g[0] and w[1] <= g[1] and w[2] >= g[2] and w[3] >= g[3]
+            scale = (w[2] - w[0]) - s <= max(2 * max(g[2] - g[0], g[3] - g[1]), 40)
+            dx = (g[0] + g[2] - w[0] - w[2]) / 2 / s
+            dy = (g[1] + g[3] - w[1] - w[3]) / 2 / s
+            if contains and scale and dx * dx + dy * dy <= 1:
+                hits.append(j)
+        out.append(hits[0] if len(hits) == 1 else -1)
+    return out
+
+
+def test_assign_windows_hand_worked() -> None:
+    windows = grid_windows(1, 3, 4, (44, 60))  # centres (0, 0), (4, 0), (8, 0)
+    unit = torch.full((6,), 4.0)
+    gt = torch.tensor([[-10.0, -10.0, 10.0, 10.0]])  # long side 20: S - s <= 40 keeps side 44 only
+    matches, positive = assign_windows(gt, windows, unit)
+    assert positive.tolist() == [True, False, True, False, False, False]  # (8, 0) is 2 strides off
+    # A second GT centred at (4, 0): (0, 0) and (4, 0) now match both (negative); (8, 0) only it.
+    gt2 = torch.cat([gt, torch.tensor([[-6.0, -10.0, 14.0, 10.0]])])
+    matches, positive = assign_windows(gt2, windows, unit)
+    assert positive.tolist() == [False, False, False, False, True, False]
+    assert matches[4] == 1
+    _, none = assign_windows(torch.zeros(0, 4), windows, unit)
+    assert not none.any()
+
+
+def test_assign_windows_matches_brute_force() -> None:
+    gen = torch.Generator().manual_seed(3)
+    windows = torch.cat(level_windows([(6, 8), (3, 4)]))
+    unit = torch.cat([torch.full((96,), 4.0), torch.full((24,), 8.0)])
+    centre = torch.rand(12, 2, generator=gen) * 28
+    half = torch.rand(12, 2, generator=gen) * 30 + 2
+    gt = torch.cat([centre - half, centre + half], dim=1)
+    matches, positive = assign_windows(gt, windows, unit)
+    got = torch.where(positive, matches, -1).tolist()
+    assert got == _assign_brute_force(gt, windows, unit)
+    assert positive.sum() > 0
+
+
+def test_encode_inverts_decode() -> None:
+    window = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
+    deltas = encode_boxes(torch.tensor([[40.0, -20.0, 80.0, 20.0]]), window)
+    assert torch.allclose(deltas, torch.tensor([[1.5, -0.75, 0.0, 0.0]]))
+    gt = torch.tensor([[3.0, 5.0, 30.0, 21.0]])
+    assert torch.allclose(decode_boxes(encode_boxes(gt, window), window), gt, atol=1e-5)
+
+
+def test_focal_loss_star_hand_worked() -> None:
+    loss = focal_loss_star(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]))
+    want = math.log(2) / 3 * 0.3 + math.log1p(math.exp(6.0)) / 3 * 0.7
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_mask_loss_hand_worked() -> None:
+    # All logits 0, all targets 1: per pixel 1.5·log 2; the mean x 2 per window; two windows.
+    loss = mask_loss(torch.zeros(2, 3, 3), torch.ones(2, 3, 3))
+    assert loss.item() == pytest.approx(2 * 2 * 1.5 * math.log(2), rel=1e-6)
+    neg = mask_loss(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))
+    assert neg.item() == pytest.approx(2 * math.log(2), rel=1e-6)
+
+
+def test_window_mask_targets_rasterise_over_the_window() -> None:
+    square = [[2.0, 2.0, 6.0, 2.0, 6.0, 6.0, 2.0, 6.0]]
+    want = torch.zeros(4, 4, dtype=torch.bool)
+    want[1:3, 1:3] = True
+    got = window_mask_targets([square], torch.tensor([[0.0, 0.0, 8.0, 8.0]]), 4)
+    assert torch.equal(got[0], want)
+    # The same square in a window twice as large, at twice the side: the same 2x2 block.
+    got8 = window_mask_targets([square], torch.tensor([[-4.0, -4.0, 12.0, 12.0]]), 8)
+    want8 = torch.zeros(8, 8, dtype=torch.bool)
+    want8[3:5, 3:5] = True
+    assert torch.equal(got8[0], want8)
