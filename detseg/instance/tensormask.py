@@ -213,6 +213,25 @@ def level_windows(shapes: Sequence[tuple[int, int]], device=None, dtype=None) ->
     ]
 
 
+def flatten_levels(outputs: Sequence[Tensor], num_anchors: int) -> Tensor:
+    """Per level (N, A·C, H_k, W_k) -> (N, Σ H_k·W_k·A, C), order (level, h, w, a)."""
+    flat = []
+    for x in outputs:
+        n, ac, h, w = x.shape
+        flat.append(x.view(n, num_anchors, ac // num_anchors, h, w).permute(0, 3, 4, 1, 2))
+    return torch.cat([f.reshape(f.shape[0], -1, f.shape[-1]) for f in flat], dim=1)
+
+
+def window_index(shapes: Sequence[Sequence[int]], num_anchors: int, device=None) -> Tensor:
+    """(Σ H_k·W_k·A, 4) int64 (level, h, w, a) of every window, in :func:`flatten_levels` order."""
+    index = []
+    for k, (h, w) in enumerate(shapes):
+        cell = torch.arange(h * w * num_anchors, device=device)
+        a, hw = cell % num_anchors, cell // num_anchors
+        index.append(torch.stack((torch.full_like(cell, k), hw // w, hw % w, a), dim=1))
+    return torch.cat(index)
+
+
 def select_detections(
     logits: Sequence[Tensor],
     deltas: Sequence[Tensor],
@@ -236,24 +255,19 @@ def select_detections(
         descending score.
     """
     num_anchors = deltas[0].shape[0] // 4
-    num_classes = logits[0].shape[0] // num_anchors
-    flat_scores, flat_deltas, index = [], [], []
-    for k, (cls, box) in enumerate(zip(logits, deltas, strict=True)):
-        _, h, w = cls.shape
-        flat_scores.append(cls.view(num_anchors * num_classes, h * w).t().reshape(-1))
-        flat_deltas.append(box.view(num_anchors * 4, h * w).t().reshape(-1, 4))
-        cell = torch.arange(h * w * num_anchors, device=cls.device)
-        a, hw = cell % num_anchors, cell // num_anchors
-        index.append(torch.stack((torch.full_like(cell, k), hw // w, hw % w, a), dim=1))
-    probs = torch.cat(flat_scores).sigmoid()
+    index = window_index([x.shape[-2:] for x in logits], num_anchors, logits[0].device)
+    flat_logits = flatten_levels([x[None] for x in logits], num_anchors)[0]
+    num_classes = flat_logits.shape[1]
+    flat_deltas = flatten_levels([x[None] for x in deltas], num_anchors)[0]
+    probs = flat_logits.reshape(-1).sigmoid()
     candidates = torch.nonzero(probs > score_thresh).squeeze(1)
     scores, order = probs[candidates].sort(descending=True)
     scores, candidates = scores[:topk_candidates], candidates[order[:topk_candidates]]
     window_idx, classes = candidates // num_classes, candidates % num_classes
     all_windows = torch.cat(list(windows))[window_idx]
-    boxes = decode_boxes(torch.cat(flat_deltas)[window_idx], all_windows)
+    boxes = decode_boxes(flat_deltas[window_idx], all_windows)
     keep = batched_nms(boxes, scores, classes, nms_thresh)[:max_detections]
-    level, row, col, anchor = torch.cat(index)[window_idx[keep]].unbind(1)
+    level, row, col, anchor = index[window_idx[keep]].unbind(1)
     return {
         "boxes": boxes[keep],
         "scores": scores[keep],
@@ -450,3 +464,70 @@ def mask_loss(
         pos_weight=torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device),
         reduction="sum",
     )
+
+
+def tensormask_losses(
+    logits: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    aligned: Sequence[Sequence[Tensor]],
+    targets: Sequence[dict],
+    mask_sizes: Sequence[int] = (11, 15),
+    bipyramid_on: bool = True,
+) -> dict[str, Tensor]:
+    """TensorMask's training losses for a batch, each divided by max(1, number of positives).
+
+    Args:
+        logits, deltas: per level (N, A·K, H_k, W_k) and (N, A·4, H_k, W_k) head outputs.
+        aligned: per level, per window size (N, m², H, W) aligned mask logits.
+        targets: per image ``{"boxes": (G, 4) xyxy, "classes": (G,) int64,
+            "polygons": G lists of COCO polygons}`` in network-input pixels.
+
+    Returns:
+        ``loss_cls`` (FL*, γ 3, α 0.3), ``loss_box_reg`` (L1 on weighted deltas),
+        ``loss_mask`` (per-window mean BCE, pos_weight 1.5, × 2).
+    """
+    num_anchors = deltas[0].shape[1] // 4
+    shapes = [x.shape[-2:] for x in logits]
+    device, dtype = logits[0].device, logits[0].dtype
+    windows = torch.cat(level_windows(shapes, device=device, dtype=dtype))
+    unit = torch.cat(
+        [
+            torch.full((h * w * num_anchors,), float(STRIDES[k]), device=device, dtype=dtype)
+            for k, (h, w) in enumerate(shapes)
+        ]
+    )
+    index = window_index(shapes, num_anchors, device)
+    flat_logits = flatten_levels(logits, num_anchors)
+    flat_deltas = flatten_levels(deltas, num_anchors)
+    cls_target = torch.zeros_like(flat_logits)
+    pos_images, pos_windows, pos_gt, box_loss = [], [], [], flat_deltas.sum() * 0
+    for n, target in enumerate(targets):
+        matches, positive = assign_windows(target["boxes"].to(dtype), windows, unit)
+        pos = torch.nonzero(positive).squeeze(1)
+        cls_target[n, pos, target["classes"][matches[pos]]] = 1.0
+        box_target = encode_boxes(target["boxes"].to(dtype)[matches[pos]], windows[pos])
+        box_loss = box_loss + (flat_deltas[n, pos] - box_target).abs().sum()
+        pos_images += [n] * len(pos)
+        pos_windows.append(pos)
+        pos_gt += [target["polygons"][g] for g in matches[pos].tolist()]
+    pos_windows = torch.cat(pos_windows)
+    pos_images = torch.tensor(pos_images, dtype=torch.long, device=device)
+    norm = max(1, len(pos_windows))
+    loss_mask = sum(m.sum() * 0 for per_size in aligned for m in per_size)
+    level, row, col, anchor = index[pos_windows].unbind(1)
+    for k, per_size in enumerate(aligned):
+        for a, pred in enumerate(per_size):
+            sel = torch.nonzero((level == k) & (anchor == a)).squeeze(1)
+            if sel.numel() == 0:
+                continue
+            lam = 2**k if bipyramid_on else 1
+            natural = natural_masks_at(pred, k, bipyramid_on, pos_images[sel], row[sel], col[sel])
+            gt = window_mask_targets(
+                [pos_gt[i] for i in sel.tolist()], windows[pos_windows[sel]], lam * mask_sizes[a]
+            )
+            loss_mask = loss_mask + mask_loss(natural, gt)
+    return {
+        "loss_cls": focal_loss_star(flat_logits, cls_target) / norm,
+        "loss_box_reg": box_loss / norm,
+        "loss_mask": loss_mask / norm,
+    }

@@ -21,6 +21,7 @@ from detseg.instance.tensormask import (
     postprocess,
     select_detections,
     split_head_outputs,
+    tensormask_losses,
     window_mask_targets,
 )
 from detseg.ops.swap_align2nat import swap_align2nat
@@ -294,3 +295,60 @@ def test_window_mask_targets_rasterise_over_the_window() -> None:
     want8 = torch.zeros(8, 8, dtype=torch.bool)
     want8[3:5, 3:5] = True
     assert torch.equal(got8[0], want8)
+
+
+def test_losses_hand_worked() -> None:
+    # A 32x48 input with two levels (P2 8x12, P3 4x6), K = 3, mask sides (3, 5). GT (10, 10, 30, 30):
+    # long side 20, so only 44-px P2 windows (44 - 4 <= 40) within one stride of (20, 20) match:
+    # centres (20, 20), (16, 20), (24, 20), (20, 16), (20, 24) -> 5 positives.
+    num_classes, k2, k3 = 3, (8, 12), (4, 6)
+    logits = [torch.zeros(1, 2 * num_classes, *k2), torch.zeros(1, 2 * num_classes, *k3)]
+    deltas = [torch.zeros(1, 8, *k2), torch.zeros(1, 8, *k3)]
+    aligned = [[torch.zeros(1, 9, *k2), torch.zeros(1, 25, *k2)] for _ in range(2)]
+    square = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
+            "classes": torch.tensor([2]),
+            "polygons": [square],
+        }
+    ]
+    losses = tensormask_losses(logits, deltas, aligned, targets, mask_sizes=(3, 5))
+    entries = (96 + 24) * 2 * num_classes
+    want_cls = (5 * 0.3 + (entries - 5) * 0.7) * math.log(2) / 3 / 5
+    assert losses["loss_cls"].item() == pytest.approx(want_cls, rel=1e-5)
+    want_box = (5 * 2 * 0.75 * math.log(44 / 20) + 4 * 1.5 * 4 / 44) / 5
+    assert losses["loss_box_reg"].item() == pytest.approx(want_box, rel=1e-5)
+    # λ = 1, m = 3: the natural masks of these windows read only in-range zeros (logit 0).
+    centres = torch.tensor([[20.0, 20], [16, 20], [24, 20], [20, 16], [20, 24]])
+    windows = torch.cat([centres - 22, centres + 22], dim=1)
+    gt = window_mask_targets([square] * 5, windows, 3).float()
+    per_pixel = (1.5 * gt + (1 - gt)) * math.log(2)
+    want_mask = (2 * per_pixel.mean(dim=(1, 2))).sum().item() / 5
+    assert losses["loss_mask"].item() == pytest.approx(want_mask, rel=1e-5)
+    empty = tensormask_losses(
+        logits,
+        deltas,
+        aligned,
+        [{"boxes": torch.zeros(0, 4), "classes": torch.zeros(0).long(), "polygons": []}],
+        mask_sizes=(3, 5),
+    )
+    assert empty["loss_box_reg"].item() == 0.0 and empty["loss_mask"].item() == 0.0
+    assert empty["loss_cls"].item() == pytest.approx(entries * 0.7 * math.log(2) / 3, rel=1e-5)
+
+
+def test_losses_backpropagate_to_the_head() -> None:
+    head = _small_head()
+    head.train()
+    feats = _features()
+    out = split_head_outputs(head(*feats), 3)
+    aligned = head.aligned_masks(feats)
+    target = {
+        "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
+        "classes": torch.tensor([1]),
+        "polygons": [[[10.0, 10.0, 30.0, 10.0, 30.0, 30.0]]],
+    }
+    losses = tensormask_losses(out[0], out[1], aligned, [target, target], mask_sizes=(3, 5))
+    sum(losses.values()).backward()
+    assert head.mask_pred_03.weight.grad.abs().sum() > 0
+    assert head.bbox_pred.weight.grad.abs().sum() > 0
