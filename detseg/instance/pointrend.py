@@ -1,0 +1,212 @@
+"""PointRend mask head for instances, as detectron2's ``projects/PointRend`` computes it.
+
+The coarse head (``ConvFCHead``) predicts 7x7 logits from a 14x14 grid point-sampled on p2 inside
+each box (``point_sample``, zero padding: not RoIAlign). The point head (``StandardPointHead``)
+re-predicts single points from p2 features and the coarse logits sampled there. Inference is
+adaptive subdivision: a 28x28 regular-grid start, then x2 bilinear upsampling and re-prediction of
+the ``subdivision_num_points`` most uncertain cells (``-|logit of the predicted class|``) per step.
+Module names are detectron2's (``coarse_head``, ``point_head``), so the model-zoo keys under
+``roi_heads.mask_head.`` load strictly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detseg.ops.point_sample import (
+    box_points_to_image,
+    point_sample,
+    regular_grid,
+    uncertain_points_on_grid,
+)
+
+
+class CoarseMaskHead(nn.Module):
+    """detectron2 ``ConvFCHead``: (R, C, S, S) -> coarse logits (R, K, side, side)."""
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        input_resolution: int = 14,
+        conv_dim: int = 256,
+        fc_dim: int = 1024,
+        num_fc: int = 2,
+        num_classes: int = 80,
+        output_side_resolution: int = 7,
+    ) -> None:
+        super().__init__()
+        if in_channels > conv_dim:
+            self.reduce_channel_dim_conv = nn.Conv2d(in_channels, conv_dim, 1)
+        self.reduce_spatial_dim_conv = nn.Conv2d(conv_dim, conv_dim, 2, stride=2)
+        dim = conv_dim * input_resolution**2 // 4
+        for k in range(num_fc):
+            self.add_module(f"fc{k + 1}", nn.Linear(dim, fc_dim))
+            dim = fc_dim
+        self.num_fc, self.out_shape = (
+            num_fc,
+            (num_classes, output_side_resolution, output_side_resolution),
+        )
+        self.prediction = nn.Linear(fc_dim, num_classes * output_side_resolution**2)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        x = pooled
+        if hasattr(self, "reduce_channel_dim_conv"):
+            x = F.relu(self.reduce_channel_dim_conv(x))
+        x = F.relu(self.reduce_spatial_dim_conv(x)).flatten(1)
+        for k in range(self.num_fc):
+            x = F.relu(getattr(self, f"fc{k + 1}")(x))
+        return self.prediction(x).view(len(x), *self.out_shape)
+
+
+class PointHead(nn.Module):
+    """detectron2 ``StandardPointHead``: fine (R, C, P) + coarse (R, K, P) -> logits (R, K, P).
+
+    With ``coarse_pred_each_layer`` the coarse logits are concatenated after every hidden layer
+    (instances), otherwise only at the input (semantic segmentation).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        num_classes: int = 80,
+        fc_dim: int = 256,
+        num_fc: int = 3,
+        cls_agnostic_mask: bool = False,
+        coarse_pred_each_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        out = 1 if cls_agnostic_mask else num_classes
+        self.num_fc, self.coarse_pred_each_layer = num_fc, coarse_pred_each_layer
+        dim = in_channels + out
+        for k in range(num_fc):
+            self.add_module(f"fc{k + 1}", nn.Conv1d(dim, fc_dim, 1))
+            dim = fc_dim + (out if coarse_pred_each_layer else 0)
+        self.predictor = nn.Conv1d(dim, out, 1)
+
+    def forward(self, fine_grained_features: Tensor, coarse_features: Tensor) -> Tensor:
+        x = torch.cat((fine_grained_features, coarse_features), dim=1)
+        for k in range(self.num_fc):
+            x = F.relu(getattr(self, f"fc{k + 1}")(x))
+            if self.coarse_pred_each_layer:
+                x = torch.cat((x, coarse_features), dim=1)
+        return self.predictor(x)
+
+
+def sample_box_features(
+    feature: Tensor, stride: int, boxes: Sequence[Tensor], coords: Tensor
+) -> Tensor:
+    """Fine features (R, C, P) of ``feature`` (N, C, H, W) at box-normalised ``coords`` (R, P, 2).
+
+    ``boxes`` are per image (R_i, 4) xyxy in image pixels; image pixels map to the map's [0, 1]
+    extent by ``1 / (stride * W, stride * H)``.
+    """
+    h, w = feature.shape[-2:]
+    scale = torch.tensor([w, h], dtype=coords.dtype, device=coords.device) / (1.0 / stride)
+    points = box_points_to_image(torch.cat(list(boxes)), coords).split([len(b) for b in boxes])
+    out = [
+        point_sample(feature[i : i + 1], (p / scale).unsqueeze(0))[0].transpose(1, 0)
+        for i, p in enumerate(points)
+    ]
+    return torch.cat(out)
+
+
+def class_channel(logits: Tensor, classes: Tensor) -> Tensor:
+    """The ``classes`` (R,) channel of ``logits`` (R, K, H, W) -> (R, 1, H, W); K = 1 is kept."""
+    if logits.shape[1] == 1:
+        return logits
+    return logits[torch.arange(len(classes), device=logits.device), classes].unsqueeze(1)
+
+
+class PointRendMaskHead(nn.Module):
+    """detectron2 ``PointRendMaskHead`` (inference path) on one p2 map.
+
+    ``forward(p2 (N, C, H, W), boxes (R, 4), classes (R,))`` with all boxes in image 0 returns the
+    predicted-class logits (R, 1, S, S), S = 7 * 2^steps (224), and the coarse logits
+    (R, K, 7, 7). ``predict`` takes per-image boxes and returns all-class logits.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        num_classes: int = 80,
+        feature_stride: int = 4,
+        pooler_resolution: int = 14,
+        conv_dim: int = 256,
+        fc_dim: int = 1024,
+        num_fc: int = 2,
+        output_side_resolution: int = 7,
+        point_fc_dim: int = 256,
+        point_num_fc: int = 3,
+        cls_agnostic_mask: bool = False,
+        coarse_pred_each_layer: bool = True,
+        subdivision_steps: int = 5,
+        subdivision_num_points: int = 784,
+    ) -> None:
+        super().__init__()
+        self.point_head = PointHead(
+            in_channels,
+            num_classes,
+            point_fc_dim,
+            point_num_fc,
+            cls_agnostic_mask,
+            coarse_pred_each_layer,
+        )
+        self.coarse_head = CoarseMaskHead(
+            in_channels,
+            pooler_resolution,
+            conv_dim,
+            fc_dim,
+            num_fc,
+            num_classes,
+            output_side_resolution,
+        )
+        self.stride, self.pooler_resolution = feature_stride, pooler_resolution
+        self.num_points = subdivision_num_points
+        # Start where the first step would re-predict every cell anyway (detectron2's shortcut).
+        self.init_resolution, self.steps = output_side_resolution, subdivision_steps
+        while 4 * self.init_resolution**2 <= subdivision_num_points:
+            self.init_resolution *= 2
+            self.steps -= 1
+
+    def coarse(self, p2: Tensor, boxes: Sequence[Tensor]) -> Tensor:
+        """Coarse logits (R, K, 7, 7) from the regular grid of p2 features inside each box."""
+        r, s = sum(len(b) for b in boxes), self.pooler_resolution
+        grid = regular_grid(r, s, p2.device).to(p2.dtype)
+        feats = sample_box_features(p2, self.stride, boxes, grid)
+        return self.coarse_head(feats.view(r, p2.shape[1], s, s))
+
+    def _point_logits(
+        self, p2: Tensor, boxes: Sequence[Tensor], coords: Tensor, coarse: Tensor
+    ) -> Tensor:
+        fine = sample_box_features(p2, self.stride, boxes, coords)
+        return self.point_head(fine, point_sample(coarse, coords))
+
+    def predict(
+        self, p2: Tensor, boxes: Sequence[Tensor], classes: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """All-class subdivided logits (R, K, S, S) and coarse logits; ``classes`` (R,) int64."""
+        coarse = self.coarse(p2, boxes)
+        r, res = len(classes), self.init_resolution
+        coords = regular_grid(r, res, p2.device).to(p2.dtype)
+        logits = self._point_logits(p2, boxes, coords, coarse)
+        logits = logits.reshape(r, coarse.shape[1], res, res)
+        if r == 0:
+            return logits, coarse
+        for _ in range(self.steps):
+            logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
+            chosen = class_channel(logits, classes)
+            idx, coords = uncertain_points_on_grid(-chosen.abs(), self.num_points)
+            new = self._point_logits(p2, boxes, coords.to(p2.dtype), coarse)
+            n, c, h, w = logits.shape
+            logits = logits.reshape(n, c, h * w)
+            logits = logits.scatter(2, idx.unsqueeze(1).expand(-1, c, -1), new).view(n, c, h, w)
+        return logits, coarse
+
+    def forward(self, p2: Tensor, boxes: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+        classes = classes.long()
+        logits, coarse = self.predict(p2, [boxes], classes)
+        return class_channel(logits, classes), coarse
