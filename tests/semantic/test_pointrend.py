@@ -1,0 +1,35 @@
+"""Semantic PointRend head against the detectron2 parity fixtures (d2_pointrend_semseg*)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detseg.semantic.pointrend import SemanticPointRendHead, top2_uncertainty
+from tests.parity import fixture_names, run_fixture
+
+NAMES = fixture_names("d2_pointrend_semseg")
+
+
+def test_fixtures_are_found(shared) -> None:
+    assert len(NAMES) == 2, NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parity(shared, name: str) -> None:
+    diffs = run_fixture(name)
+    assert diffs and max(diffs.values()) <= 1e-4, diffs
+
+
+def test_top2_uncertainty() -> None:
+    logits = torch.tensor([1.0, 5.0, 4.0]).view(1, 3, 1, 1)
+    assert top2_uncertainty(logits).item() == -1.0
+
+
+def test_output_resolution() -> None:
+    head = SemanticPointRendHead(num_classes=3, in_channels=32, conv_dims=32, point_fc_dim=16)
+    head.eval()
+    feats = [torch.randn(1, 32, 8 >> i, 16 >> i) for i in range(4)]
+    with torch.no_grad():
+        logits, coarse = head(*feats)
+    assert coarse.shape == (1, 3, 8, 16) and logits.shape == (1, 3, 32, 64)
