@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +23,11 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import batched_nms
 
+from detseg.backbones.d2 import ResNetFPN
+from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.ops.masks import polygons_to_rle, rle_to_mask
 from detseg.ops.swap_align2nat import DEFAULT_PAD, SwapAlign2Nat, swap_align2nat_windows
+from detseg.registry import register_model
 from detseg.results import Instances
 
 WINDOW_SIZES = ((44, 60), (88, 120), (176, 240), (352, 480), (704, 960), (1408, 1920))
@@ -531,3 +536,119 @@ def tensormask_losses(
         "loss_box_reg": box_loss / norm,
         "loss_mask": loss_mask / norm,
     }
+
+
+class RetinaNetResNetFPN(ResNetFPN):
+    """detectron2 ``build_retinanet_resnet_fpn_backbone`` as TensorMask configures it.
+
+    The FPN of :class:`~detseg.backbones.d2.ResNetFPN` with ``FUSE_TYPE avg`` (each top-down sum
+    halved, the halved map propagating) and ``LastLevelP6P7`` from C5 (2048 channels; ReLU only
+    before p7). ``forward(image (N, 3, H, W), H, W multiples of 32) -> (p2, ..., p7)``.
+    """
+
+    def __init__(self, depth: int = 50, out_channels: int = 256) -> None:
+        super().__init__(depth=depth, fpn_out_channels=out_channels)
+        self.top_block = nn.Module()
+        self.top_block.p6 = nn.Conv2d(2048, out_channels, 3, stride=2, padding=1)
+        self.top_block.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+        for conv in (self.top_block.p6, self.top_block.p7):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        feats = self.bottom_up(image)
+        prev = self.fpn_lateral5(feats["res5"])
+        outs = [self.fpn_output5(prev)]
+        for level in (4, 3, 2):
+            lateral = getattr(self, f"fpn_lateral{level}")(feats[f"res{level}"])
+            prev = (lateral + F.interpolate(prev, scale_factor=2.0, mode="nearest")) / 2
+            outs.insert(0, getattr(self, f"fpn_output{level}")(prev))
+        p6 = self.top_block.p6(feats["res5"])
+        return (*outs, p6, self.top_block.p7(F.relu(p6)))
+
+
+class TensorMask(nn.Module):
+    """TensorMask R50-FPN: ``forward(images) -> raw head outputs`` (exportable, memory-bounded).
+
+    ``images``: (N, 3, H, W) BGR 0..255 minus ``PIXEL_MEAN``, zero-padded to multiples of 32.
+    The forward returns the head's flat tuple with the **aligned** masks (the P2-grid logits
+    before SwapAlign2Nat): the natural masks are formed only where needed, for the training
+    positives (:meth:`compute_loss`) and the kept detections (:meth:`postprocess`).
+
+    Args:
+        num_classes: K sigmoid classes (80 for COCO).
+        score_thresh, topk_candidates, nms_thresh, max_detections: test settings (§9).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 80,
+        score_thresh: float = 0.05,
+        topk_candidates: int = 6000,
+        nms_thresh: float = 0.5,
+        max_detections: int = 100,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.test_settings = (score_thresh, topk_candidates, nms_thresh, max_detections)
+        self.backbone = RetinaNetResNetFPN()
+        self.head = TensorMaskHead(num_classes=num_classes, apply_swap_align2nat=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return self.head(*self.backbone(images))
+
+    def _split(self, outputs: Sequence[Tensor]) -> tuple[list, list, list]:
+        return split_head_outputs(outputs, self.head.num_levels)
+
+    def compute_loss(self, outputs: Sequence[Tensor], targets: Sequence[dict]) -> dict[str, Tensor]:
+        """Losses of a ``forward``; ``targets`` as in :func:`tensormask_losses`."""
+        logits, deltas, aligned = self._split(outputs)
+        return tensormask_losses(
+            logits, deltas, aligned, targets, self.head.mask_sizes, self.head.bipyramid_on
+        )
+
+    @torch.no_grad()
+    def postprocess(
+        self,
+        outputs: Sequence[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Instances]:
+        """Eval outputs -> one ``Instances`` per image at ``original_sizes`` (default image_sizes).
+
+        ``image_sizes``: the resized, unpadded (H, W) of each image in the batch.
+        """
+        logits, deltas, aligned = self._split(outputs)
+        shapes = [x.shape[-2:] for x in logits]
+        windows = level_windows(shapes, device=logits[0].device, dtype=logits[0].dtype)
+        results = []
+        for n, size in enumerate(image_sizes):
+            dets = select_detections(
+                [x[n] for x in logits], [x[n] for x in deltas], windows, *self.test_settings
+            )
+            masks = detection_masks(aligned, dets, n, self.head.bipyramid_on)
+            results.append(postprocess(dets, masks, size, (original_sizes or image_sizes)[n]))
+        return results
+
+    @classmethod
+    def from_detectron2(cls, path: str | Path, **overrides: Any) -> TensorMask:
+        """Load a detectron2 model-zoo TensorMask ``.pkl`` (319 arrays; anchors/pixel stats ignored)."""
+        state, _ = read_state_dict(path)
+        state = {
+            k: torch.as_tensor(v)
+            for k, v in state.items()
+            if not k.startswith(("anchor_generator.", "pixel_mean", "pixel_std"))
+        }
+        model = cls(**overrides)
+        load_state_dict_strict(model, state, str(path), "tensormask_r50_fpn")
+        return model.eval()
+
+
+@register_model(
+    "tensormask_r50_fpn",
+    task="instance",
+    summary="TensorMask, ResNet-50 FPN P2-P7, tensor bipyramid (Chen et al., ICCV 2019)",
+)
+def tensormask_r50_fpn(**kwargs: Any) -> TensorMask:
+    """TensorMask R50-FPN with the released 1x/6x head (aligned, bipyramid); see ``TensorMask``."""
+    return TensorMask(**kwargs)

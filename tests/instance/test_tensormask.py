@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from detseg.instance.tensormask import (
+    TensorMask,
     TensorMaskHead,
     assign_windows,
     decode_boxes,
@@ -25,6 +29,7 @@ from detseg.instance.tensormask import (
     window_mask_targets,
 )
 from detseg.ops.swap_align2nat import swap_align2nat
+from detseg.registry import get_entry
 from tests.parity import fixture_names, parity_dir, run_fixture
 
 FIXTURES = fixture_names("d2_tensormask")
@@ -352,3 +357,93 @@ def test_losses_backpropagate_to_the_head() -> None:
     sum(losses.values()).backward()
     assert head.mask_pred_03.weight.grad.abs().sum() > 0
     assert head.bbox_pred.weight.grad.abs().sum() > 0
+
+
+def _spec_checkpoint_shapes() -> dict[str, tuple[int, ...]]:
+    """The 319 model-zoo names and shapes, written out from the spec's section 13."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv_norm(name: str, cout: int, cin: int, k: int) -> None:
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.norm.{leaf}"] = (cout,)
+
+    conv_norm("backbone.bottom_up.stem.conv1", 64, 3, 7)
+    cin = 64
+    for stage, blocks in zip(range(2, 6), (3, 4, 6, 3), strict=True):
+        width, cout = 64 * 2 ** (stage - 2), 256 * 2 ** (stage - 2)
+        for j in range(blocks):
+            prefix = f"backbone.bottom_up.res{stage}.{j}"
+            conv_norm(f"{prefix}.conv1", width, cin, 1)
+            conv_norm(f"{prefix}.conv2", width, width, 3)
+            conv_norm(f"{prefix}.conv3", cout, width, 1)
+            if j == 0:
+                conv_norm(f"{prefix}.shortcut", cout, cin, 1)
+            cin = cout
+
+    def conv(name: str, cout: int, cin: int, k: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    for level, c in zip(range(2, 6), (256, 512, 1024, 2048), strict=True):
+        conv(f"backbone.fpn_lateral{level}", 256, c, 1)
+        conv(f"backbone.fpn_output{level}", 256, 256, 3)
+    conv("backbone.top_block.p6", 256, 2048, 3)
+    conv("backbone.top_block.p7", 256, 256, 3)
+    for i in (0, 2, 4, 6):
+        conv(f"head.cls_subnet.{i}", 256, 256, 3)
+        conv(f"head.bbox_subnet.{i}", 128, 256 if i == 0 else 128, 3)
+        conv(f"head.mask_subnet.{i}", 128, 256 if i == 0 else 128, 3)
+    conv("head.cls_score", 160, 256, 3)
+    conv("head.bbox_pred", 8, 128, 3)
+    conv("head.mask_pred_11", 121, 128, 1)
+    conv("head.mask_pred_15", 225, 128, 1)
+    conv("head.mask_fuse.0", 128, 128, 3)
+    return shapes
+
+
+def test_model_names_and_shapes_are_the_model_zoo_ones() -> None:
+    want = _spec_checkpoint_shapes()
+    assert len(want) == 319
+    assert sum(math.prod(s) for s in want.values()) == 36_620_610
+    with torch.device("meta"):
+        model = TensorMask()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == want
+
+
+def test_from_detectron2_synthetic_pickle(tmp_path: Path) -> None:
+    shapes = _spec_checkpoint_shapes()
+    arrays = {k: np.full(s, i / 1000, np.float32) for i, (k, s) in enumerate(shapes.items())}
+    arrays["anchor_generator.cell_anchors.0"] = np.zeros((2, 4), np.float32)
+    arrays["pixel_mean"] = np.zeros((3, 1, 1), np.float32)
+    path = tmp_path / "model_final.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"model": arrays, "__author__": "synthetic"}, f)
+    model = TensorMask.from_detectron2(path)
+    state = model.state_dict()
+    names = list(shapes)
+    for i in (0, 100, 318):
+        assert torch.all(state[names[i]] == i / 1000)
+    assert not model.training
+
+
+def test_model_runs_end_to_end() -> None:
+    model = get_entry("tensormask_r50_fpn").build().eval()
+    torch.nn.init.zeros_(model.head.cls_score.bias)  # p ~ 0.5 everywhere: many candidates
+    images = torch.randn(1, 3, 64, 96) * 50
+    with torch.no_grad():
+        outputs = model(images)
+    assert len(outputs) == 24
+    assert tuple(outputs[12].shape) == (1, 121, 16, 24)  # aligned, P2 grid
+    (result,) = model.postprocess(outputs, [(60, 90)], [(120, 180)])
+    assert 0 < len(result.scores) <= 100
+    assert result.masks.shape == (len(result.scores), 120, 180) and result.masks.dtype == torch.bool
+    assert torch.all(result.scores[:-1] >= result.scores[1:])
+    assert result.boxes[:, 0::2].max() <= 180 and result.boxes[:, 1::2].max() <= 120
+    target = {
+        "boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]),
+        "classes": torch.tensor([3]),
+        "polygons": [[[10.0, 10.0, 40.0, 10.0, 40.0, 30.0, 10.0, 30.0]]],
+    }
+    losses = model.compute_loss(outputs, [target])
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
