@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from detseg.instance.tensormask import (
+    RetinaNetResNetFPN,
     TensorMask,
     TensorMaskHead,
     assign_windows,
@@ -447,3 +448,32 @@ def test_model_runs_end_to_end() -> None:
     losses = model.compute_loss(outputs, [target])
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+
+
+def test_retinanet_fpn_average_fusion_and_p6_p7_from_c5() -> None:
+    fpn = RetinaNetResNetFPN().eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        p2, p3, p4, p5, p6, p7 = fpn(image)
+        c = fpn.bottom_up(image)
+        up = torch.nn.functional.interpolate
+        t5 = fpn.fpn_lateral5(c["res5"])
+        t4 = (fpn.fpn_lateral4(c["res4"]) + up(t5, scale_factor=2.0)) / 2
+        t3 = (fpn.fpn_lateral3(c["res3"]) + up(t4, scale_factor=2.0)) / 2
+        assert torch.allclose(p5, fpn.fpn_output5(t5), atol=1e-5)
+        assert torch.allclose(p4, fpn.fpn_output4(t4), atol=1e-5)
+        assert torch.allclose(p3, fpn.fpn_output3(t3), atol=1e-5)
+        want6 = fpn.top_block.p6(c["res5"])
+        assert torch.allclose(p6, want6, atol=1e-5)
+        assert torch.allclose(p7, fpn.top_block.p7(want6.relu()), atol=1e-5)
+    assert [tuple(p.shape[-2:]) for p in (p2, p6, p7)] == [(16, 16), (1, 1), (1, 1)]
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_raw_head_outputs(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from detseg.engine.export import export_single_input
+
+    result = export_single_input(TensorMask(), tmp_path / "tensormask.onnx", 64, 96)
+    assert len(result["outputs"]) == 24
+    assert max(result["max_abs_diff"].values()) <= 1e-4
