@@ -191,7 +191,38 @@ def evaluate(task: str, **options: Any) -> dict[str, Any]:
         from detseg.semantic.pipeline import evaluate_semantic
 
         return evaluate_semantic(**options)
+    if task == "matting":
+        return _evaluate_matting(**options)
     raise DetsegError(f"`detseg eval` does not support task {task!r} yet.")
+
+
+def _evaluate_matting(
+    *,
+    data: str | Path | None,
+    model: str | None,
+    weights: str | Path | None,
+    pred_dir: str | Path | None,
+    alpha_dir: str | Path | None,
+    trimap_dir: str | Path | None,
+    convention: str = "gfm",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Matting metrics of saved alphas (``pred_dir`` vs ``alpha_dir``) or of a model run on ``data``."""
+    if model is not None:
+        if data is None or pred_dir is None:
+            raise DetsegError(
+                "--model needs --data DIR (with input/ and alpha/) and --pred OUT_DIR."
+            )
+        from detseg.matting.gfm_infer import evaluate_matting_model
+
+        return evaluate_matting_model(
+            data, pred_dir, model, weights, convention=convention, device=device
+        )
+    if pred_dir is None or alpha_dir is None:
+        raise DetsegError("pass --pred PRED_DIR and --alpha GT_DIR (or --model with --data).")
+    from detseg.matting.metrics import evaluate_folder
+
+    return evaluate_folder(pred_dir, alpha_dir, trimap_dir, convention)
 
 
 def train(task: str, **options: Any) -> dict[str, Any]:

@@ -184,13 +184,17 @@ def train_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    task: str = typer.Option("semantic", help="semantic."),
-    data: Path = typer.Option(..., help="Dataset folder."),
+    task: str = typer.Option("semantic", help="semantic or matting."),
+    data: Path = typer.Option(None, help="Dataset folder."),
     split: str = typer.Option("val"),
-    model: str = typer.Option(None, help="Model to run on the split."),
+    model: str = typer.Option(None, help="Model to run on the data."),
     weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
-    pred: Path = typer.Option(None, help="Folder of saved label PNGs to score instead."),
-    convention: str = typer.Option("standard", help="standard (void ignored) or authors."),
+    pred: Path = typer.Option(None, help="Folder of saved predictions to score instead."),
+    alpha: Path = typer.Option(None, help="Matting: folder of ground-truth alphas."),
+    trimap: Path = typer.Option(None, help="Matting: folder of trimaps (region SADs)."),
+    convention: str = typer.Option(
+        None, help="semantic: standard (void ignored) | authors; matting: gfm | dim."
+    ),
     num_classes: int = typer.Option(None, min=1),
     ignore_index: int = typer.Option(None),
     sliding: bool = typer.Option(False, help="Sliding-window inference."),
@@ -200,12 +204,32 @@ def eval_cmd(
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Dataset-level mIoU, per-class IoU, pixel and mean class accuracy."""
+    """Score a model on a dataset, or saved predictions against ground truth."""
+    if task == "matting":
+        metrics = api.evaluate(
+            "matting",
+            data=data,
+            model=model,
+            weights=weights,
+            pred_dir=pred,
+            alpha_dir=alpha,
+            trimap_dir=trimap,
+            convention=convention or "gfm",
+            device=device,
+        )
+        if as_json:
+            _emit_json(metrics)
+        else:
+            console.print({k: v for k, v in metrics.items() if k != "per_image"})
+        return
+    if data is None:
+        raise DetsegError("--data is required (the dataset folder with the split's labels).")
     loaded = None
     if model is not None or weights is not None:
         loaded = api.load_model(model, weights, device)
     elif pred is None:
         raise DetsegError("pass --model/--weights to run a model, or --pred to score saved labels.")
+    convention = convention or "standard"
     metrics = api.evaluate(
         task,
         data=data,
