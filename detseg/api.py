@@ -182,6 +182,10 @@ def predict(
         from detseg.semantic.pipeline import predict_files
 
         return predict_files(model, source, out_dir, **options)
+    if model.task == "detection":
+        from detseg.detection.pipeline import predict_detection_files
+
+        return predict_detection_files(model, source, out_dir, **options)
     raise DetsegError(f"`detseg predict` does not support task {model.task!r} yet.")
 
 
@@ -193,6 +197,10 @@ def evaluate(task: str, **options: Any) -> dict[str, Any]:
         return evaluate_semantic(**options)
     if task == "matting":
         return _evaluate_matting(**options)
+    if task == "detection":
+        from detseg.detection.pipeline import evaluate_detection
+
+        return evaluate_detection(**options)
     raise DetsegError(f"`detseg eval` does not support task {task!r} yet.")
 
 
@@ -231,6 +239,12 @@ def train(task: str, **options: Any) -> dict[str, Any]:
         from detseg.semantic.pipeline import train_semantic
 
         return train_semantic(**options)
+    if task == "detection":
+        from detseg.detection.pipeline import train_detection
+
+        return train_detection(**options)
+    if task == "matting":
+        return _train_matting(**options)
     raise DetsegError(f"`detseg train` does not support task {task!r} yet.")
 
 
@@ -343,3 +357,14 @@ def convert(
         "to": to,
         "dst": str(dst),
     }
+
+
+def _train_matting(
+    *, model: str, backgrounds: str | Path, val_limit: int | None = None, **options: Any
+) -> dict[str, Any]:
+    """BackgroundMattingV2 training (base stage, or refine stage from a base ``weights``)."""
+    if not model.startswith("bgmv2"):
+        raise DetsegError(f"`detseg train --task matting` trains bgmv2_* models, not {model!r}.")
+    from detseg.matting.bgmv2_training import train_bgmv2
+
+    return train_bgmv2(model=model, backgrounds=backgrounds, val_limit=val_limit, **options)

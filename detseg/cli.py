@@ -123,9 +123,11 @@ def models_cmd(
 @app.command("train")
 @user_errors
 def train_cmd(
-    task: str = typer.Option("semantic", help="semantic (more tasks arrive with their models)."),
+    task: str = typer.Option("semantic", help="semantic, detection or matting."),
     model: str = typer.Option(..., help="Registered model name (see `detseg models`)."),
-    data: Path = typer.Option(..., help="Dataset folder (CamVid or VOC layout)."),
+    data: Path = typer.Option(
+        ..., help="Dataset: CamVid/VOC folder, COCO/VIA/YOLO, matting folder."
+    ),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder."),
     split: str = typer.Option("train"),
     val_split: str = typer.Option("val"),
@@ -133,13 +135,17 @@ def train_cmd(
     batch_size: int = typer.Option(4, min=1),
     lr: float = typer.Option(1e-3),
     optimizer: str = typer.Option("adamw", help="adamw or sgd."),
-    crop: str = typer.Option("256x256", help="Training crop HxW."),
     eval_every: int = typer.Option(200, min=0),
     val_limit: int = typer.Option(None, min=1),
-    num_classes: int = typer.Option(None, min=1),
-    ignore_index: int = typer.Option(None),
-    class_weights: str = typer.Option(None, help="'enet' for 1/ln(1.02+p) weights."),
-    dice: float = typer.Option(0.0, help="Weight of an added Dice loss."),
+    crop: str = typer.Option("256x256", help="semantic: training crop HxW."),
+    num_classes: int = typer.Option(None, min=1, help="semantic: classes."),
+    ignore_index: int = typer.Option(None, help="semantic: void label."),
+    class_weights: str = typer.Option(None, help="semantic: 'enet' for 1/ln(1.02+p) weights."),
+    dice: float = typer.Option(0.0, help="semantic: weight of an added Dice loss."),
+    max_size: int = typer.Option(512, help="detection: longest image side."),
+    class_name: str = typer.Option("object", help="detection: class of single-class VIA data."),
+    backgrounds: Path = typer.Option(None, help="matting: folder of background images."),
+    size: int = typer.Option(512, help="matting: training crop size."),
     weights: Path = typer.Option(None, help="Initial weights (ours or official)."),
     model_arg: list[str] = typer.Option(None, help="Constructor argument NAME=VALUE (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out exactly."),
@@ -149,32 +155,50 @@ def train_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a model; writes best/last checkpoints, history.json and curves.png to --out."""
-    summary = api.train(
-        task,
+    common = dict(
         model=model,
         data=data,
         out_dir=out,
-        split=split,
-        val_split=val_split or None,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
-        optimizer=optimizer,
-        crop=_parse_size(crop),
         eval_every=eval_every,
         val_limit=val_limit,
-        num_classes=num_classes,
-        ignore_index=ignore_index,
-        class_weights=class_weights,
-        dice_weight=dice,
-        weights=str(weights) if weights else None,
         resume=resume,
         device=device,
         seed=seed,
         num_workers=workers,
-        model_kwargs=_parse_model_args(model_arg),
         progress=not as_json,
+        weights=str(weights) if weights else None,
     )
+    if task == "semantic":
+        extra = dict(
+            split=split,
+            val_split=val_split or None,
+            optimizer=optimizer,
+            crop=_parse_size(crop),
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            class_weights=class_weights,
+            dice_weight=dice,
+            model_kwargs=_parse_model_args(model_arg),
+        )
+    elif task == "detection":
+        extra = dict(
+            split=split,
+            val_split=val_split or None,
+            optimizer=optimizer,
+            max_size=max_size,
+            class_name=class_name,
+            model_kwargs=_parse_model_args(model_arg),
+        )
+    elif task == "matting":
+        if backgrounds is None:
+            raise DetsegError("--task matting needs --backgrounds DIR (images to composite over).")
+        extra = dict(backgrounds=backgrounds, size=size)
+    else:
+        raise DetsegError(f"--task {task!r}: use semantic, detection or matting.")
+    summary = api.train(task, **common, **extra)
     if as_json:
         _emit_json(summary)
     else:
@@ -184,7 +208,7 @@ def train_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    task: str = typer.Option("semantic", help="semantic or matting."),
+    task: str = typer.Option("semantic", help="semantic, detection or matting."),
     data: Path = typer.Option(None, help="Dataset folder."),
     split: str = typer.Option("val"),
     model: str = typer.Option(None, help="Model to run on the data."),
@@ -201,10 +225,33 @@ def eval_cmd(
     crop: int = typer.Option(512),
     stride: int = typer.Option(None),
     limit: int = typer.Option(None, min=1, help="Only the first N images."),
+    results: Path = typer.Option(None, help="detection: a COCO results JSON to score."),
+    iou_type: str = typer.Option("bbox", help="detection: bbox or segm."),
+    class_name: str = typer.Option("object", help="detection: class of single-class VIA data."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Score a model on a dataset, or saved predictions against ground truth."""
+    if task == "detection":
+        if data is None:
+            raise DetsegError("--data is required (COCO JSON, VIA or YOLO folder).")
+        loaded = api.load_model(model, weights, device) if (model or weights) else None
+        metrics = api.evaluate(
+            "detection",
+            data=data,
+            split=split,
+            model=loaded,
+            results_json=results,
+            iou_type=iou_type,
+            limit=limit,
+            class_name=class_name,
+            progress=not as_json,
+        )
+        if as_json:
+            _emit_json(metrics)
+        else:
+            console.print({k: metrics[k] for k in ("AP", "AP50", "AP75", "images") if k in metrics})
+        return
     if task == "matting":
         metrics = api.evaluate(
             "matting",
@@ -262,28 +309,39 @@ def predict_cmd(
     sliding: bool = typer.Option(False, help="Sliding-window inference (any image size)."),
     crop: int = typer.Option(512),
     stride: int = typer.Option(None),
-    batch_size: int = typer.Option(4, min=1, help="Windows per forward pass."),
+    batch_size: int = typer.Option(4, min=1, help="Windows / slices per forward pass."),
+    score_threshold: float = typer.Option(0.3, help="detection: drawn and listed above this."),
+    slice_size: int = typer.Option(None, "--slice", help="detection: sliced inference tile."),
+    overlap: float = typer.Option(0.2, help="detection: slice overlap ratio."),
+    merge: str = typer.Option("nms", help="detection: nms or nmm (greedy merging)."),
+    match: str = typer.Option("iou", help="detection: iou or ios match metric."),
+    full_image: bool = typer.Option(False, help="detection: add a whole-image pass to slices."),
+    save_coco: Path = typer.Option(None, help="detection: write a COCO results JSON."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Predict and write colour overlays and label PNGs."""
+    """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection)."""
     loaded = api.load_model(model, weights, device)
     if weights is None and not as_json:
         console.print("[yellow]no --weights given: the model has random weights[/yellow]")
-    records = api.predict(
-        loaded,
-        source,
-        out,
-        sliding=sliding,
-        crop=crop,
-        stride=stride,
-        batch_size=batch_size,
-        progress=not as_json,
-    )
+    if loaded.task == "detection":
+        options = dict(
+            score_threshold=score_threshold,
+            slice=slice_size,
+            overlap=overlap,
+            merge=merge,
+            match=match,
+            full_image=full_image,
+            batch_size=batch_size,
+            save_coco=save_coco,
+        )
+    else:
+        options = dict(sliding=sliding, crop=crop, stride=stride, batch_size=batch_size)
+    records = api.predict(loaded, source, out, progress=not as_json, **options)
     if as_json:
         _emit_json({"model": loaded.name, "images": records})
     else:
-        console.print(f"wrote {2 * len(records)} files to {out}")
+        console.print(f"predicted {len(records)} images into {out}")
 
 
 @app.command("demo")
