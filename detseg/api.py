@@ -154,14 +154,22 @@ def load_model(
     )
 
 
+def _count_parameters(entry: ModelEntry) -> int | None:
+    """Learnable parameters of the default build, on the meta device (no memory, no init time)."""
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                return sum(p.numel() for p in entry.build().parameters())
+        except Exception:  # a builder that cannot run on meta tensors, or needs arguments
+            continue
+    return None
+
+
 def models_table(task: str | None = None) -> list[dict[str, Any]]:
     """One row per registered model: name, task, parameter count, official format, summary."""
     rows = []
     for entry in list_models(task):
-        try:
-            params = sum(p.numel() for p in entry.build().parameters())
-        except Exception:  # a builder that needs arguments (e.g. num_classes) to be built
-            params = None
+        params = _count_parameters(entry)
         rows.append(
             {
                 "name": entry.name,

@@ -112,8 +112,11 @@ def models_cmd(
         _emit_json({"models": rows})
         return
     table = Table(title="detseg models")
-    for col in ("name", "task", "params", "official weights", "summary"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    table.add_column("task", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("official weights", ratio=1)
+    table.add_column("summary", ratio=2)
     for r in rows:
         params = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f} M"
         table.add_row(r["name"], r["task"], params, r["official"] or "-", r["summary"])
