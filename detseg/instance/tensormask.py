@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, roi_align
 
 from detseg.backbones.d2 import ResNetFPN
 from detseg.checkpoint import load_state_dict_strict, read_state_dict
@@ -440,6 +440,31 @@ def window_mask_targets(
     return torch.from_numpy(out).to(windows.device)
 
 
+def window_bitmask_targets(masks: Tensor, windows: Tensor, side: int) -> Tensor:
+    """(R, H, W) GT bitmasks sampled over (R, 4) windows -> (R, side, side) bool.
+
+    detectron2 ``BitMasks.crop_and_resize``: RoIAlign (side × side, scale 1, sampling_ratio 0,
+    aligned=True), then ≥ 0.5; outside the image reads 0.
+    """
+    rois = torch.cat([torch.arange(len(windows), device=windows.device)[:, None], windows], 1)
+    sampled = roi_align(masks[:, None].to(windows.dtype), rois, (side, side), 1.0, 0, True)
+    return sampled[:, 0] >= 0.5
+
+
+def _mask_targets(
+    targets: Sequence[dict], pairs: Sequence[tuple[int, int]], windows: Tensor, side: int
+) -> Tensor:
+    """Window mask targets of (image, GT) ``pairs``, from polygons when given, else bitmasks."""
+    if "polygons" in targets[0]:
+        return window_mask_targets([targets[n]["polygons"][g] for n, g in pairs], windows, side)
+    out = torch.zeros(len(pairs), side, side, dtype=torch.bool, device=windows.device)
+    for n in sorted({n for n, _ in pairs}):
+        rows = [i for i, (m, _) in enumerate(pairs) if m == n]
+        gts = torch.tensor([pairs[i][1] for i in rows], device=windows.device)
+        out[rows] = window_bitmask_targets(targets[n]["masks"][gts], windows[rows], side)
+    return out
+
+
 def focal_loss_star(
     logits: Tensor, targets: Tensor, gamma: float = 3.0, alpha: float = 0.3
 ) -> Tensor:
@@ -484,8 +509,9 @@ def tensormask_losses(
     Args:
         logits, deltas: per level (N, A·K, H_k, W_k) and (N, A·4, H_k, W_k) head outputs.
         aligned: per level, per window size (N, m², H, W) aligned mask logits.
-        targets: per image ``{"boxes": (G, 4) xyxy, "classes": (G,) int64,
-            "polygons": G lists of COCO polygons}`` in network-input pixels.
+        targets: per image ``{"boxes": (G, 4) xyxy, "labels": (G,) int64 0..K-1}`` and either
+            ``"polygons"`` (G lists of COCO polygons, detectron2's default mask format) or
+            ``"masks"`` ((G, h, w) bitmasks), in network-input pixels.
 
     Returns:
         ``loss_cls`` (FL*, γ 3, α 0.3), ``loss_box_reg`` (L1 on weighted deltas),
@@ -509,12 +535,12 @@ def tensormask_losses(
     for n, target in enumerate(targets):
         matches, positive = assign_windows(target["boxes"].to(dtype), windows, unit)
         pos = torch.nonzero(positive).squeeze(1)
-        cls_target[n, pos, target["classes"][matches[pos]]] = 1.0
+        cls_target[n, pos, target["labels"][matches[pos]]] = 1.0
         box_target = encode_boxes(target["boxes"].to(dtype)[matches[pos]], windows[pos])
         box_loss = box_loss + (flat_deltas[n, pos] - box_target).abs().sum()
         pos_images += [n] * len(pos)
         pos_windows.append(pos)
-        pos_gt += [target["polygons"][g] for g in matches[pos].tolist()]
+        pos_gt += [(n, g) for g in matches[pos].tolist()]
     pos_windows = torch.cat(pos_windows)
     pos_images = torch.tensor(pos_images, dtype=torch.long, device=device)
     norm = max(1, len(pos_windows))
@@ -527,9 +553,8 @@ def tensormask_losses(
                 continue
             lam = 2**k if bipyramid_on else 1
             natural = natural_masks_at(pred, k, bipyramid_on, pos_images[sel], row[sel], col[sel])
-            gt = window_mask_targets(
-                [pos_gt[i] for i in sel.tolist()], windows[pos_windows[sel]], lam * mask_sizes[a]
-            )
+            pairs = [pos_gt[i] for i in sel.tolist()]
+            gt = _mask_targets(targets, pairs, windows[pos_windows[sel]], lam * mask_sizes[a])
             loss_mask = loss_mask + mask_loss(natural, gt)
     return {
         "loss_cls": focal_loss_star(flat_logits, cls_target) / norm,

@@ -27,6 +27,7 @@ from detseg.instance.tensormask import (
     select_detections,
     split_head_outputs,
     tensormask_losses,
+    window_bitmask_targets,
     window_mask_targets,
 )
 from detseg.ops.swap_align2nat import swap_align2nat
@@ -315,7 +316,7 @@ def test_losses_hand_worked() -> None:
     targets = [
         {
             "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
-            "classes": torch.tensor([2]),
+            "labels": torch.tensor([2]),
             "polygons": [square],
         }
     ]
@@ -336,7 +337,7 @@ def test_losses_hand_worked() -> None:
         logits,
         deltas,
         aligned,
-        [{"boxes": torch.zeros(0, 4), "classes": torch.zeros(0).long(), "polygons": []}],
+        [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0).long(), "polygons": []}],
         mask_sizes=(3, 5),
     )
     assert empty["loss_box_reg"].item() == 0.0 and empty["loss_mask"].item() == 0.0
@@ -351,7 +352,7 @@ def test_losses_backpropagate_to_the_head() -> None:
     aligned = head.aligned_masks(feats)
     target = {
         "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
-        "classes": torch.tensor([1]),
+        "labels": torch.tensor([1]),
         "polygons": [[[10.0, 10.0, 30.0, 10.0, 30.0, 30.0]]],
     }
     losses = tensormask_losses(out[0], out[1], aligned, [target, target], mask_sizes=(3, 5))
@@ -442,7 +443,7 @@ def test_model_runs_end_to_end() -> None:
     assert result.boxes[:, 0::2].max() <= 180 and result.boxes[:, 1::2].max() <= 120
     target = {
         "boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]),
-        "classes": torch.tensor([3]),
+        "labels": torch.tensor([3]),
         "polygons": [[[10.0, 10.0, 40.0, 10.0, 40.0, 30.0, 10.0, 30.0]]],
     }
     losses = model.compute_loss(outputs, [target])
@@ -477,3 +478,33 @@ def test_onnx_export_matches_raw_head_outputs(tmp_path: Path) -> None:
     result = export_single_input(TensorMask(), tmp_path / "tensormask.onnx", 64, 96)
     assert len(result["outputs"]) == 24
     assert max(result["max_abs_diff"].values()) <= 1e-4
+
+
+def test_window_bitmask_targets_hand_worked() -> None:
+    masks = torch.zeros(2, 8, 10, dtype=torch.uint8)
+    masks[0, 2:6, 2:6] = 1
+    masks[1, :, :] = 1
+    windows = torch.tensor([[0.0, 0.0, 8.0, 8.0], [-8.0, -8.0, 8.0, 8.0]])
+    got = window_bitmask_targets(masks, windows, 4)
+    want0 = torch.zeros(4, 4, dtype=torch.bool)
+    want0[1:3, 1:3] = True  # each 2x2-pixel bin averages exactly its four pixels
+    assert torch.equal(got[0], want0)
+    want1 = torch.zeros(4, 4, dtype=torch.bool)
+    want1[2:, 2:] = True  # the window's top-left quarter lies outside the image: 0
+    assert torch.equal(got[1], want1)
+
+
+def test_losses_accept_bitmasks() -> None:
+    logits = [torch.zeros(1, 6, 8, 12), torch.zeros(1, 6, 4, 6)]
+    deltas = [torch.zeros(1, 8, 8, 12), torch.zeros(1, 8, 4, 6)]
+    aligned = [[torch.zeros(1, 9, 8, 12), torch.zeros(1, 25, 8, 12)] for _ in range(2)]
+    masks = torch.zeros(1, 32, 48, dtype=torch.uint8)
+    masks[0, 10:30, 10:30] = 1
+    box = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    polygon = [[[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]]
+    common = {"boxes": box, "labels": torch.tensor([0])}
+    by_mask = tensormask_losses(logits, deltas, aligned, [{**common, "masks": masks}], (3, 5))
+    by_poly = tensormask_losses(logits, deltas, aligned, [{**common, "polygons": polygon}], (3, 5))
+    assert by_mask["loss_cls"] == by_poly["loss_cls"]
+    # An axis-aligned square gives the same window targets either way.
+    assert by_mask["loss_mask"].item() == pytest.approx(by_poly["loss_mask"].item(), rel=1e-6)
