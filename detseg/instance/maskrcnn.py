@@ -29,9 +29,20 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, roi_align
 
 from detseg.backbones.d2 import ResNetFPN
+from detseg.checkpoint import load_state_dict_strict, read_state_dict
+from detseg.data.preprocess import Preprocess
+from detseg.errors import CheckpointError
+from detseg.registry import OfficialFormat, register_model
 
 SCALE_CLAMP = math.log(1000.0 / 16)
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
+# The model subtracts PIXEL_MEAN itself; the pipeline only reorders to BGR, in 0..255.
+D2_PREPROCESS = {
+    "channel_order": "BGR",
+    "mean": (0.0, 0.0, 0.0),
+    "std": (1.0, 1.0, 1.0),
+    "post_scale": 1.0,
+}
 
 
 # -------------------------------------------------------------------------------- box utilities
@@ -516,6 +527,10 @@ class RoIHeads(nn.Module):
         self.box_inference = BoxInference(
             num_classes, score_thresh_test, nms_thresh_test, detections_per_image
         )
+        self.build_mask_stage(in_channels, num_classes)
+
+    def build_mask_stage(self, in_channels: int, num_classes: int) -> None:
+        """The mask pooler (14x14, multi-level) and head; PointRend replaces both."""
         self.mask_pooler = MultiLevelRoIAlign(14)
         self.mask_head = MaskHead(in_channels, num_classes)
 
@@ -539,11 +554,20 @@ class RoIHeads(nn.Module):
             )
         ]
         boxes = [d[0] for d in dets]
-        logits = self.mask_head(self.mask_pooler(*features, pooler_boxes(boxes)))
-        classes = torch.cat([d[2] for d in dets])
-        probs = logits[torch.arange(len(classes), device=logits.device), classes].sigmoid()
+        probs = self.mask_probs(features, boxes, torch.cat([d[2] for d in dets]))
         probs = probs.split([len(b) for b in boxes])
         return [(b, s, c, p) for (b, s, c, _), p in zip(dets, probs, strict=True)]
+
+    def mask_probs(
+        self, features: Sequence[Tensor], boxes: Sequence[Tensor], classes: Tensor
+    ) -> Tensor:
+        """Predicted-class mask probabilities (R, 28, 28) for per-image ``boxes`` and ``classes`` (R,)."""
+        logits = self.mask_head(self.mask_pooler(*features, pooler_boxes(boxes)))
+        if logits.shape[1] > 1:
+            logits = logits[torch.arange(len(classes), device=logits.device), classes]
+        else:
+            logits = logits[:, 0]
+        return logits.sigmoid()
 
 
 class MaskRCNN(nn.Module):
@@ -553,7 +577,11 @@ class MaskRCNN(nn.Module):
     ``detections_per_image`` rows in score order: boxes (D, 4) in output pixels, scores (D,),
     classes (D,) (-1 padding), masks (D, h, w) 0/1 float and the count (1,), as detectron2's
     ``detector_postprocess`` gives them (boxes scaled, clipped, empty boxes dropped, masks pasted).
+    The model normalises itself (``pixel_mean``, ``pixel_std``): feed BGR 0..255
+    (``default_preprocess``).
     """
+
+    roi_heads_class: type[RoIHeads] = RoIHeads
 
     def __init__(
         self,
@@ -576,7 +604,7 @@ class MaskRCNN(nn.Module):
         self.proposal_generator = RPN(
             256, rpn_pre_nms_topk_test, rpn_post_nms_topk_test, rpn_nms_thresh
         )
-        self.roi_heads = RoIHeads(
+        self.roi_heads = self.roi_heads_class(
             num_classes, score_thresh_test, nms_thresh_test, detections_per_image
         )
         self.register_buffer(
@@ -585,6 +613,7 @@ class MaskRCNN(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.size_divisibility, self.mask_threshold = size_divisibility, mask_threshold
         self.detections_per_image = detections_per_image
+        self.default_preprocess = Preprocess(**D2_PREPROCESS)
 
     def features(self, image: Tensor) -> tuple[Tensor, ...]:
         """Normalise, zero-pad to ``size_divisibility`` and run the backbone: p2..p6 (1, 256, ., .)."""
@@ -623,3 +652,73 @@ class MaskRCNN(nn.Module):
             _pad_rows(masks.to(boxes.dtype), k, 0.0),
             torch.tensor([float(len(boxes))], device=boxes.device),
         )
+
+
+# ----------------------------------------------------------------- detectron2 model-zoo files
+# detectron2 renamed PointRend's modules twice; old names -> current (module ``PointRendROIHeads``
+# and ``ConvFCHead._load_from_state_dict`` do the same when loading).
+_D2_RENAMES = (
+    ("roi_heads.mask_coarse_head.", "roi_heads.mask_head.coarse_head."),
+    ("roi_heads.mask_point_head.", "roi_heads.mask_head.point_head."),
+    ("coarse_head.coarse_mask_fc", "coarse_head.fc"),
+)
+
+
+def convert_detectron2(
+    state: dict[str, Tensor], required: str
+) -> tuple[dict[str, object], dict[str, Tensor]]:
+    """detectron2 ``model_final_*.pkl`` / ``.pth`` state -> (kwargs, state dict for our model).
+
+    ``required`` is a key that only this model family has (tells Mask R-CNN from PointRend).
+    """
+    out = {}
+    for key, value in state.items():
+        if key in ("pixel_mean", "pixel_std"):
+            continue
+        for old, new in _D2_RENAMES:
+            key = key.replace(old, new)
+        out[key] = torch.as_tensor(value)
+    cls_key = "roi_heads.box_predictor.cls_score.weight"
+    if "backbone.bottom_up.stem.conv1.weight" not in out or cls_key not in out:
+        raise CheckpointError(
+            "not a detectron2 R-CNN checkpoint (no backbone.bottom_up / box predictor keys)."
+        )
+    if required not in out:
+        raise CheckpointError(
+            f"this detectron2 checkpoint has no {required!r}; it is another model family."
+        )
+    return {"num_classes": int(out[cls_key].shape[0]) - 1}, out
+
+
+def d2_official(required: str, description: str) -> OfficialFormat:
+    """The registry's official format for a detectron2 R-CNN family."""
+    return OfficialFormat(
+        description=description,
+        convert=lambda state: convert_detectron2(dict(state), required),
+        preprocess=lambda kwargs: dict(D2_PREPROCESS),
+    )
+
+
+def from_detectron2(path: str, model: MaskRCNN) -> MaskRCNN:
+    """Load a detectron2 model-zoo file (``.pkl`` read by a numpy-only unpickler, or ``.pth``).
+
+    ``model`` must be built with the checkpoint's ``num_classes``; raises ``CheckpointError``.
+    """
+    state, _ = read_state_dict(path)
+    required = next(iter(model.roi_heads.mask_head.state_dict()))
+    _, converted = convert_detectron2(state, f"roi_heads.mask_head.{required}")
+    load_state_dict_strict(model, converted, str(path), type(model).__name__)
+    return model
+
+
+@register_model(
+    "maskrcnn_r50_fpn",
+    task="instance",
+    official=d2_official(
+        "roi_heads.mask_head.mask_fcn1.weight",
+        "detectron2 model zoo Mask R-CNN R50-FPN (model_final_*.pkl, weights under 'model')",
+    ),
+)
+def maskrcnn_r50_fpn(**kwargs: object) -> MaskRCNN:
+    """Mask R-CNN R50-FPN, detectron2-exact (mask_rcnn_R_50_FPN_1x/3x)."""
+    return MaskRCNN(**kwargs)

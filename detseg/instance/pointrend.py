@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detseg.instance.maskrcnn import MaskRCNN, RoIHeads, d2_official
 from detseg.ops.point_sample import (
     box_points_to_image,
     point_sample,
     regular_grid,
     uncertain_points_on_grid,
 )
+from detseg.registry import register_model
 
 
 class CoarseMaskHead(nn.Module):
@@ -210,3 +212,37 @@ class PointRendMaskHead(nn.Module):
         classes = classes.long()
         logits, coarse = self.predict(p2, [boxes], classes)
         return class_channel(logits, classes), coarse
+
+
+class PointRendRoIHeads(RoIHeads):
+    """Mask R-CNN's ROI heads with the PointRend mask head on p2 (no mask pooler)."""
+
+    def build_mask_stage(self, in_channels: int, num_classes: int) -> None:
+        self.mask_head = PointRendMaskHead(in_channels, num_classes)
+
+    def mask_probs(
+        self, features: Sequence[Tensor], boxes: Sequence[Tensor], classes: Tensor
+    ) -> Tensor:
+        """Predicted-class probabilities (R, 224, 224) by subdivision on p2 = ``features[0]``."""
+        logits, _ = self.mask_head.predict(features[0], boxes, classes)
+        return class_channel(logits, classes)[:, 0].sigmoid()
+
+
+class PointRendRCNN(MaskRCNN):
+    """PointRend R50-FPN (detectron2 ``pointrend_rcnn_R_50_FPN``): Mask R-CNN whose masks are
+    rendered at 224x224 by the PointRend head; same ``forward`` and outputs as ``MaskRCNN``."""
+
+    roi_heads_class = PointRendRoIHeads
+
+
+@register_model(
+    "pointrend_r50_fpn",
+    task="instance",
+    official=d2_official(
+        "roi_heads.mask_head.point_head.fc1.weight",
+        "detectron2 PointRend R50-FPN (model_final_*.pkl; all three key generations)",
+    ),
+)
+def pointrend_r50_fpn(**kwargs: object) -> PointRendRCNN:
+    """PointRend R50-FPN instance segmentation, detectron2-exact heads."""
+    return PointRendRCNN(**kwargs)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
+from detseg.errors import CheckpointError
 from detseg.instance.maskrcnn import (
     MaskRCNN,
     MultiLevelRoIAlign,
     apply_deltas,
+    from_detectron2,
     paste_masks,
 )
 from tests.parity import _regen, fixture_names, parity_dir, run_fixture
@@ -80,3 +83,29 @@ def test_paste_full_box_mask() -> None:
     expected = torch.zeros(8, 10, dtype=torch.bool)
     expected[3:5, 2:6] = True
     assert torch.equal(out[0], expected)
+
+
+def test_from_detectron2_pickle_and_refusal(tmp_path) -> None:
+    model = MaskRCNN(num_classes=3)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    path = tmp_path / "model_final_test.pkl"
+    path.write_bytes(pickle.dumps({"model": state, "__author__": "test"}))
+    loaded = from_detectron2(str(path), MaskRCNN(num_classes=3))
+    key = "roi_heads.box_predictor.cls_score.weight"
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"model": _Evil()}))
+    with pytest.raises(CheckpointError):
+        from_detectron2(str(evil), MaskRCNN(num_classes=3))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("executed",))
+
+
+def test_registered() -> None:
+    from detseg.registry import get_entry
+
+    assert get_entry("maskrcnn_r50_fpn").task == "instance"
+    assert get_entry("pointrend_r50_fpn").official is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detseg.instance.pointrend import PointRendMaskHead
+from detseg.errors import CheckpointError
+from detseg.instance.maskrcnn import convert_detectron2
+from detseg.instance.pointrend import PointRendMaskHead, PointRendRCNN
 from tests.parity import fixture_names, run_fixture
 
 NAMES = [n for n in fixture_names("d2_pointrend_") if "semseg" not in n]
@@ -32,3 +34,31 @@ def test_schedule_and_empty_input() -> None:
         boxes = torch.tensor([[2.0, 3.0, 20.0, 25.0]])
         logits, _ = head(torch.randn(1, 8, 8, 8), boxes, torch.tensor([2.0]))
     assert logits.shape == (1, 1, 224, 224) and torch.isfinite(logits).all()
+
+
+def test_whole_model_runs_and_renders_at_224() -> None:
+    model = PointRendRCNN(detections_per_image=2).eval()
+    assert "roi_heads.mask_head.coarse_head.fc1.weight" in model.state_dict()
+    with torch.no_grad():
+        boxes, scores, classes, masks, count = model(
+            torch.rand(3, 64, 96) * 255, torch.tensor([32.0, 48.0])
+        )
+    assert boxes.shape == (2, 4) and masks.shape == (2, 32, 48) and count.shape == (1,)
+    assert (boxes[:, 2] <= 48).all() and (boxes[:, 3] <= 32).all()
+
+
+def test_old_key_generations_are_renamed() -> None:
+    model = PointRendRCNN()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    old = {
+        k.replace(
+            "roi_heads.mask_head.coarse_head.fc", "roi_heads.mask_coarse_head.coarse_mask_fc"
+        ).replace("roi_heads.mask_head.point_head.", "roi_heads.mask_point_head."): v
+        for k, v in state.items()
+    }
+    assert "roi_heads.mask_coarse_head.coarse_mask_fc1.weight" in old
+    kwargs, converted = convert_detectron2(old, "roi_heads.mask_head.point_head.fc1.weight")
+    assert kwargs == {"num_classes": 80}
+    assert set(converted) == set(state)
+    with pytest.raises(CheckpointError):
+        convert_detectron2(old, "roi_heads.mask_head.mask_fcn1.weight")
