@@ -33,6 +33,7 @@ from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.data.preprocess import Preprocess
 from detseg.errors import CheckpointError
 from detseg.registry import OfficialFormat, register_model
+from detseg.results import Instances
 
 SCALE_CLAMP = math.log(1000.0 / 16)
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
@@ -640,6 +641,14 @@ class MaskRCNN(nn.Module):
         boxes, scores, classes, probs = boxes[keep], scores[keep], classes[keep], probs[keep]
         masks = paste_masks(probs, boxes, out_h, out_w, self.mask_threshold)
         return boxes, scores, classes, masks
+
+    @torch.no_grad()
+    def predict(self, image: Tensor, output_size: tuple[int, int] | None = None) -> Instances:
+        """One image (3, H, W), BGR 0..255 (``default_preprocess``) -> ``Instances`` at
+        ``output_size`` (h, w; default the input size): labels 0..K-1, bool masks."""
+        size = output_size or (int(image.shape[-2]), int(image.shape[-1]))
+        boxes, scores, classes, masks = self.detect(image, size)
+        return Instances(boxes=boxes, scores=scores, labels=classes, masks=masks)
 
     def forward(self, image: Tensor, output_size: Tensor) -> tuple[Tensor, ...]:
         out_h, out_w = (int(v) for v in output_size.tolist())

@@ -109,3 +109,10 @@ def test_registered() -> None:
 
     assert get_entry("maskrcnn_r50_fpn").task == "instance"
     assert get_entry("pointrend_r50_fpn").official is not None
+
+
+def test_predict_returns_instances_at_output_size() -> None:
+    model = MaskRCNN(num_classes=3, detections_per_image=3).eval()
+    result = model.predict(torch.rand(3, 64, 96) * 255, (32, 48))
+    assert len(result) <= 3 and result.masks.shape[1:] == (32, 48)
+    assert result.masks.dtype == torch.bool and result.labels.dtype == torch.int64
