@@ -12,7 +12,7 @@ mask pixel at every level). Module and parameter names follow detectron2's
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from torchvision.ops import batched_nms, roi_align
 
 from detseg.backbones.d2 import ResNetFPN
 from detseg.checkpoint import load_state_dict_strict, read_state_dict
+from detseg.errors import CheckpointError
 from detseg.ops.masks import polygons_to_rle, rle_to_mask
 from detseg.ops.swap_align2nat import DEFAULT_PAD, SwapAlign2Nat, swap_align2nat_windows
-from detseg.registry import register_model
+from detseg.registry import OfficialFormat, register_model
 from detseg.results import Instances
 
 WINDOW_SIZES = ((44, 60), (88, 120), (176, 240), (352, 480), (704, 960), (1408, 1920))
@@ -657,22 +658,60 @@ class TensorMask(nn.Module):
 
     @classmethod
     def from_detectron2(cls, path: str | Path, **overrides: Any) -> TensorMask:
-        """Load a detectron2 model-zoo TensorMask ``.pkl`` (319 arrays; anchors/pixel stats ignored)."""
+        """Load a detectron2 model-zoo TensorMask ``.pkl`` (319 arrays) through the safe unpickler."""
         state, _ = read_state_dict(path)
-        state = {
-            k: torch.as_tensor(v)
-            for k, v in state.items()
-            if not k.startswith(("anchor_generator.", "pixel_mean", "pixel_std"))
-        }
-        model = cls(**overrides)
-        load_state_dict_strict(model, state, str(path), "tensormask_r50_fpn")
+        kwargs, converted = convert_detectron2(state)
+        model = cls(**{**kwargs, **overrides})
+        load_state_dict_strict(model, converted, str(path), "tensormask_r50_fpn")
         return model.eval()
+
+
+D2_PREPROCESS = {  # MSRA caffe R-50: BGR 0..255 minus detectron2's PIXEL_MEAN, std 1
+    "channel_order": "BGR",
+    "mean": (103.530, 116.280, 123.675),
+    "std": (1.0, 1.0, 1.0),
+    "post_scale": 1.0,
+}
+
+
+def d2_test_size(
+    height: int, width: int, short: int = 800, max_size: int = 1333
+) -> tuple[int, int]:
+    """detectron2 ``ResizeShortestEdge`` test size (h, w): short side ``short``, long ≤ ``max_size``."""
+    scale = short / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def convert_detectron2(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """detectron2 TensorMask state dict -> (constructor kwargs, detseg state dict).
+
+    The names are already detectron2's; anchors and pixel statistics are dropped. The class count
+    comes from ``head.cls_score`` (2 windows per location).
+    """
+    if "head.cls_score.weight" not in state or "head.mask_pred_11.weight" not in state:
+        raise CheckpointError(
+            "not a TensorMask checkpoint: no 'head.cls_score' / 'head.mask_pred_11' weights; "
+            "pass a detectron2 projects/TensorMask model_final_*.pkl."
+        )
+    out = {
+        k: torch.as_tensor(v)
+        for k, v in state.items()
+        if not k.startswith(("anchor_generator.", "pixel_mean", "pixel_std"))
+    }
+    return {"num_classes": int(out["head.cls_score.weight"].shape[0]) // 2}, out
 
 
 @register_model(
     "tensormask_r50_fpn",
     task="instance",
     summary="TensorMask, ResNet-50 FPN P2-P7, tensor bipyramid (Chen et al., ICCV 2019)",
+    official=OfficialFormat(
+        description="detectron2 projects/TensorMask model_final_*.pkl (weights under 'model')",
+        convert=convert_detectron2,
+        preprocess=lambda kwargs: dict(D2_PREPROCESS),
+    ),
 )
 def tensormask_r50_fpn(**kwargs: Any) -> TensorMask:
     """TensorMask R50-FPN with the released 1x/6x head (aligned, bipyramid); see ``TensorMask``."""

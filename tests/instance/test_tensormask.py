@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from detseg.errors import CheckpointError
 from detseg.instance.tensormask import (
+    D2_PREPROCESS,
     RetinaNetResNetFPN,
     TensorMask,
     TensorMaskHead,
     assign_windows,
+    convert_detectron2,
+    d2_test_size,
     decode_boxes,
     detection_masks,
     encode_boxes,
@@ -508,3 +512,32 @@ def test_losses_accept_bitmasks() -> None:
     assert by_mask["loss_cls"] == by_poly["loss_cls"]
     # An axis-aligned square gives the same window targets either way.
     assert by_mask["loss_mask"].item() == pytest.approx(by_poly["loss_mask"].item(), rel=1e-6)
+
+
+def test_d2_test_size_and_official_format() -> None:
+    assert d2_test_size(480, 640) == (800, 1067)
+    assert d2_test_size(500, 2000) == (333, 1333)
+    entry = get_entry("tensormask_r50_fpn")
+    assert entry.official is not None
+    assert entry.official.preprocess({})["channel_order"] == "BGR"
+    with pytest.raises(CheckpointError, match="not a TensorMask checkpoint"):
+        convert_detectron2({"backbone.fpn_lateral2.weight": torch.zeros(1)})
+    kwargs, _ = convert_detectron2(
+        {
+            "head.cls_score.weight": torch.zeros(6, 1, 3, 3),
+            "head.mask_pred_11.weight": torch.zeros(1),
+        }
+    )
+    assert kwargs == {"num_classes": 3}
+
+
+def test_predict_image_glue_runs_tensormask() -> None:
+    from detseg.data.preprocess import Preprocess
+    from detseg.instance.polarmask_infer import predict_image
+
+    model = TensorMask(num_classes=2).eval()
+    torch.nn.init.zeros_(model.head.cls_score.bias)
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    result = predict_image(model, image, Preprocess.from_dict(D2_PREPROCESS), input_size=(40, 56))
+    assert result.masks.shape[1:] == (50, 70) and len(result.scores) > 0
+    assert int(result.labels.max()) <= 1
