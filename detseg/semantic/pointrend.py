@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detseg.instance.pointrend import PointHead
-from detseg.ops.point_sample import point_sample, uncertain_points_on_grid
+from detseg.ops.point_sample import (
+    point_sample,
+    uncertain_points_on_grid,
+    uncertain_points_with_randomness,
+)
+from detseg.registry import register_model
+from detseg.semantic.deeplab import DeepLabV3Plus
+from detseg.semantic.heads import resize_to
 
 
 class ConvGN(nn.Conv2d):
@@ -71,6 +78,31 @@ def top2_uncertainty(logits: Tensor) -> Tensor:
     return (top2[:, 1] - top2[:, 0]).unsqueeze(1)
 
 
+def refine_logits(
+    coarse: Tensor,
+    fine_maps: Sequence[Tensor],
+    point_head: nn.Module,
+    steps: int,
+    num_points: int,
+) -> Tensor:
+    """Subdivide ``coarse`` (N, K, h, w) ``steps`` times -> (N, K, h * 2^steps, w * 2^steps).
+
+    Each step upsamples x2 and re-predicts the ``num_points`` cells with the smallest top-2
+    margin from ``fine_maps`` (image-normalised point features) and the original ``coarse``.
+    """
+    logits = coarse
+    for _ in range(steps):
+        logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
+        idx, coords = uncertain_points_on_grid(top2_uncertainty(logits), num_points)
+        coords = coords.to(logits.dtype)
+        fine = torch.cat([point_sample(f, coords) for f in fine_maps], dim=1)
+        new = point_head(fine, point_sample(coarse, coords))
+        n, c, h, w = logits.shape
+        logits = logits.reshape(n, c, h * w)
+        logits = logits.scatter(2, idx.unsqueeze(1).expand(-1, c, -1), new).view(n, c, h, w)
+    return logits
+
+
 class SemanticPointRendHead(nn.Module):
     """detectron2 ``PointRendSemSegHead`` (inference path) with the FPN coarse head.
 
@@ -110,20 +142,91 @@ class SemanticPointRendHead(nn.Module):
         )
         self.steps, self.num_points = subdivision_steps, subdivision_num_points
 
-    def refine(self, coarse: Tensor, fine_maps: Sequence[Tensor]) -> Tensor:
-        """Subdivide ``coarse`` (N, K, h, w) ``steps`` times with point features of ``fine_maps``."""
-        logits = coarse
-        for _ in range(self.steps):
-            logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
-            idx, coords = uncertain_points_on_grid(top2_uncertainty(logits), self.num_points)
-            coords = coords.to(logits.dtype)
-            fine = torch.cat([point_sample(f, coords) for f in fine_maps], dim=1)
-            new = self.point_head(fine, point_sample(coarse, coords))
-            n, c, h, w = logits.shape
-            logits = logits.reshape(n, c, h * w)
-            logits = logits.scatter(2, idx.unsqueeze(1).expand(-1, c, -1), new).view(n, c, h, w)
-        return logits
-
     def forward(self, *features: Tensor) -> tuple[Tensor, Tensor]:
         coarse = self.coarse_sem_seg_head(*features)
-        return self.refine(coarse, [features[i] for i in self.point_index]), coarse
+        fine = [features[i] for i in self.point_index]
+        return refine_logits(coarse, fine, self.point_head, self.steps, self.num_points), coarse
+
+
+class DeepLabV3PlusPointRend(DeepLabV3Plus):
+    """DeepLabV3+ whose stride-4 decoder logits are refined by a PointRend point head.
+
+    Fine features are the encoder's stride-4 level (ResNet ``layer1``); inference subdivides
+    twice (stride 4 -> 1, ``subdivision_num_points`` per step) and resizes to the input if its
+    size is not a multiple of 4. ``forward`` in training returns the coarse logits at input size
+    (a plain segmentation loss trains the coarse model); ``compute_loss`` adds the point loss.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 21,
+        backbone: str = "resnet50",
+        output_stride: int = 16,
+        point_fc_dim: int = 256,
+        point_num_fc: int = 3,
+        subdivision_num_points: int = 8192,
+        train_num_points: int = 2048,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(num_classes, backbone, output_stride, **kwargs)  # type: ignore[arg-type]
+        fine_channels = self.backbone.channels(self.low_name)
+        self.point_head = PointHead(
+            fine_channels, num_classes, point_fc_dim, point_num_fc, coarse_pred_each_layer=False
+        )
+        self.num_points, self.train_num_points = subdivision_num_points, train_num_points
+        self.oversample_ratio, self.importance_sample_ratio = (
+            oversample_ratio,
+            importance_sample_ratio,
+        )
+
+    def coarse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Coarse logits (N, K, H/4, W/4) and the fine stride-4 features (N, Cf, H/4, W/4)."""
+        feats = self.backbone(x)
+        fine = feats[self.low_name]
+        high = resize_to(self.aspp(feats[self.high_name]), fine)
+        return self.decoder(torch.cat([high, self.project(fine)], dim=1)), fine
+
+    def forward(self, x: Tensor) -> Tensor:
+        coarse, fine = self.coarse(x)
+        if self.training:
+            return resize_to(coarse, x)
+        steps = max(0, round(math.log2(x.shape[-1] / coarse.shape[-1])))
+        return resize_to(refine_logits(coarse, [fine], self.point_head, steps, self.num_points), x)
+
+    def compute_loss(
+        self, images: Tensor, labels: Tensor, ignore_index: int = 255
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Coarse CE at input size + point CE on importance-sampled points (labels (N, H, W) int64).
+
+        Point labels are the label map sampled with ``mode='nearest'`` (detectron2's rule).
+        """
+        coarse, fine = self.coarse(images)
+        loss_coarse = F.cross_entropy(
+            resize_to(coarse, labels.shape[-2:]), labels, ignore_index=ignore_index
+        )
+        with torch.no_grad():
+            coords = uncertain_points_with_randomness(
+                coarse,
+                top2_uncertainty_points,
+                self.train_num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
+            target = point_sample(labels[:, None].to(coarse.dtype), coords, mode="nearest")
+        logits = self.point_head(point_sample(fine, coords), point_sample(coarse, coords))
+        loss_point = F.cross_entropy(logits, target[:, 0].long(), ignore_index=ignore_index)
+        total = loss_coarse + loss_point
+        return total, {"loss_sem_seg": loss_coarse.item(), "loss_sem_seg_point": loss_point.item()}
+
+
+def top2_uncertainty_points(logits: Tensor) -> Tensor:
+    """``top2_uncertainty`` of point logits (N, K, P) -> (N, 1, P)."""
+    return top2_uncertainty(logits.unsqueeze(3)).squeeze(3)
+
+
+@register_model("deeplabv3plus_pointrend", task="semantic", defaults={"backbone": "resnet50"})
+def build_deeplabv3plus_pointrend(**kwargs: object) -> DeepLabV3PlusPointRend:
+    """DeepLabV3+ (ResNet-50, OS 16) with a PointRend point head refining stride 4 -> 1."""
+    return DeepLabV3PlusPointRend(**kwargs)  # type: ignore[arg-type]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detseg.semantic.pointrend import SemanticPointRendHead, top2_uncertainty
+from detseg.semantic.pointrend import (
+    DeepLabV3PlusPointRend,
+    SemanticPointRendHead,
+    top2_uncertainty,
+)
 from tests.parity import fixture_names, run_fixture
 
 NAMES = fixture_names("d2_pointrend_semseg")
@@ -33,3 +37,30 @@ def test_output_resolution() -> None:
     with torch.no_grad():
         logits, coarse = head(*feats)
     assert coarse.shape == (1, 3, 8, 16) and logits.shape == (1, 3, 32, 64)
+
+
+def test_deeplab_pointrend_inference_and_loss() -> None:
+    torch.manual_seed(0)
+    model = DeepLabV3PlusPointRend(
+        num_classes=4,
+        backbone="resnet18",
+        point_fc_dim=16,
+        subdivision_num_points=64,
+        train_num_points=32,
+    )
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 4, (2, 64, 64))
+    labels[0, :8] = 255
+    total, logs = model.compute_loss(images, labels)
+    total.backward()
+    assert torch.isfinite(total) and set(logs) == {"loss_sem_seg", "loss_sem_seg_point"}
+    assert model.point_head.fc1.weight.grad.abs().sum() > 0
+    assert model.train()(images).shape == (2, 4, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+        coarse, _ = model.coarse(images)
+    assert out.shape == (2, 4, 64, 64)
+    # Cells that were never re-predicted keep the bilinear upsampling of the coarse logits.
+    up = torch.nn.functional.interpolate(coarse, scale_factor=4, mode="bilinear")
+    assert 0 < (out - up).abs().amax(1).gt(1e-5).float().mean() < 1
