@@ -68,6 +68,7 @@ def run_demo(
     from detseg.api import load_model, predict
     from detseg.semantic.pipeline import evaluate_semantic, train_semantic
 
+    steps = steps or 600
     out = Path(out_dir)
     data = make_shapes_dataset(out / "data")
     run = out / "run"
@@ -75,11 +76,11 @@ def run_demo(
         model="unet",
         data=data,
         out_dir=run,
-        steps=steps or 400,
+        steps=steps,
         batch_size=8,
         lr=3e-3,
         crop=(96, 96),
-        eval_every=max((steps or 600) // 8, 1),
+        eval_every=max(steps // 8, 1),
         num_classes=len(DEMO_CLASSES),
         ignore_index=255,
         model_kwargs={"base_channels": 16, "depth": 3},
