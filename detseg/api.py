@@ -194,6 +194,10 @@ def predict(
         from detseg.detection.pipeline import predict_detection_files
 
         return predict_detection_files(model, source, out_dir, **options)
+    if model.task == "instance":
+        from detseg.instance.pipeline import predict_instance_files
+
+        return predict_instance_files(model, source, out_dir, **options)
     raise DetsegError(f"`detseg predict` does not support task {model.task!r} yet.")
 
 

@@ -327,7 +327,7 @@ def predict_cmd(
     loaded = api.load_model(model, weights, device)
     if weights is None and not as_json:
         console.print("[yellow]no --weights given: the model has random weights[/yellow]")
-    if loaded.task == "detection":
+    if loaded.task in ("detection", "instance"):
         options = dict(
             score_threshold=score_threshold,
             slice=slice_size,

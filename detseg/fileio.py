@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from detseg.errors import DetsegError
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -17,7 +19,13 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     (OpenCV, PIL, PyAV) still see ``.png`` / ``.mp4``.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DetsegError(
+            f"{final.parent}: cannot create the output folder ({exc.strerror}); "
+            "choose another output path."
+        ) from exc
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent
     )

@@ -65,3 +65,11 @@ def test_list_images(tmp_path):
         list_images(tmp_path / "missing")
     with pytest.raises(InputFileError, match="matches no images"):
         list_images(str(tmp_path / "*.jpg"))
+
+
+def test_output_folder_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    from detseg.errors import DetsegError
+
+    with pytest.raises(DetsegError, match="cannot create the output folder"):
+        write_image(tmp_path / "taken" / "a.png", np.zeros((2, 2, 3), np.uint8))

@@ -1,0 +1,32 @@
+"""Instance prediction through the API: drawn masks and RLE records."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from detseg.api import load_model, predict
+from detseg.ops.masks import rle_to_mask
+
+
+def test_predict_instances_writes_drawing_and_rles(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), np.uint8)).save(
+        tmp_path / "img.png"
+    )
+    model = load_model(
+        "polarmask_r50", device="cpu", backbone="mobilenet_v2", num_classes=3, score_thr=0.0
+    )
+    records = predict(
+        model,
+        tmp_path / "img.png",
+        tmp_path / "out",
+        score_threshold=0.0,
+        max_size=96,
+        progress=False,
+    )
+    assert (tmp_path / "out" / "img_inst.jpg").is_file()
+    assert records[0]["width"] == 96 and records[0]["height"] == 80
+    assert records[0]["detections"]
+    for det in records[0]["detections"]:
+        mask = rle_to_mask(det["mask"])
+        assert mask.shape == (80, 96) and int(mask.sum()) == det["area"]
