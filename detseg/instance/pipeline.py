@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from detseg.data.images import list_images, read_image, write_image
 from detseg.detection.pipeline import _record
 from detseg.engine.progress import count_progress
@@ -22,6 +25,16 @@ def _above(inst: Instances, threshold: float) -> Instances:
     return Instances(
         inst.boxes[keep], inst.scores[keep], inst.labels[keep], inst.class_names, masks
     )
+
+
+def _segment(model: LoadedModel, image: np.ndarray, max_size: int) -> Instances:
+    """Instances of one (H, W, 3) uint8 RGB image at its own size, for any instance model."""
+    net = model.model
+    if hasattr(net, "postprocess"):  # dense single-shot models (PolarMask, TensorMask)
+        return predict_image(net, image, model.preprocess, max_size=max_size)
+    # two-stage detectron2-style models resize internally and return Instances themselves
+    with torch.inference_mode():
+        return net.predict(model.preprocess(image).to(model.device), image.shape[:2])
 
 
 def predict_instance_files(
@@ -45,10 +58,7 @@ def predict_instance_files(
     with count_progress(len(paths), "predict", enabled=progress) as advance:
         for path in paths:
             image = read_image(path)
-            inst = _above(
-                predict_image(model.model, image, model.preprocess, max_size=max_size),
-                score_threshold,
-            )
+            inst = _above(_segment(model, image, max_size), score_threshold)
             record = _record(path, image, inst, names)
             masks = inst.masks.numpy() if inst.masks is not None else []
             for entry, mask in zip(record["detections"], masks, strict=False):

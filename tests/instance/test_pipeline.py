@@ -30,3 +30,14 @@ def test_predict_instances_writes_drawing_and_rles(tmp_path):
     for det in records[0]["detections"]:
         mask = rle_to_mask(det["mask"])
         assert mask.shape == (80, 96) and int(mask.sum()) == det["area"]
+
+
+def test_predict_with_a_two_stage_model(tmp_path):
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), np.uint8)).save(
+        tmp_path / "img.png"
+    )
+    model = load_model("maskrcnn_r50_fpn", device="cpu")
+    records = predict(
+        model, tmp_path / "img.png", tmp_path / "out", score_threshold=0.0, progress=False
+    )
+    assert records[0]["width"] == 80 and (tmp_path / "out" / "img_inst.jpg").is_file()
