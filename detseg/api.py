@@ -251,7 +251,7 @@ def train(task: str, **options: Any) -> dict[str, Any]:
         from detseg.semantic.pipeline import train_semantic
 
         return train_semantic(**options)
-    if task == "detection":
+    if task in ("detection", "instance"):
         from detseg.detection.pipeline import train_detection
 
         return train_detection(**options)

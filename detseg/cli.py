@@ -186,7 +186,7 @@ def train_cmd(
             dice_weight=dice,
             model_kwargs=_parse_model_args(model_arg),
         )
-    elif task == "detection":
+    elif task in ("detection", "instance"):
         extra = dict(
             split=split,
             val_split=val_split or None,
@@ -200,7 +200,7 @@ def train_cmd(
             raise DetsegError("--task matting needs --backgrounds DIR (images to composite over).")
         extra = dict(backgrounds=backgrounds, size=size)
     else:
-        raise DetsegError(f"--task {task!r}: use semantic, detection or matting.")
+        raise DetsegError(f"--task {task!r}: use semantic, detection, instance or matting.")
     summary = api.train(task, **common, **extra)
     if as_json:
         _emit_json(summary)

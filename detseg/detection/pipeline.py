@@ -443,6 +443,21 @@ def train_detection(
     return summary
 
 
+def _recipe(loaded: LoadedModel) -> tuple[Any, Any, bool]:
+    """(loss_fn, evaluate_fn factory, needs masks) of a trainable dense detector."""
+    from detseg.instance.polarmask import PolarMask
+
+    if isinstance(loaded.model, PolarMask):
+        from detseg.instance.polarmask_training import polarmask_evaluate_fn, polarmask_loss
+
+        return polarmask_loss, polarmask_evaluate_fn, True
+    if loaded.task != "detection" or not hasattr(loaded.model, "compute_loss"):
+        raise DetsegError(
+            f"model {loaded.name!r} cannot be trained here yet; train FCOS or PolarMask models."
+        )
+    return fcos_loss, fcos_evaluate_fn, False
+
+
 def _train_fcos(
     name: str,
     train: DetectionSet,
@@ -461,14 +476,15 @@ def _train_fcos(
     kwargs = {"num_classes": len(names), **(model_kwargs or {})}
     loaded = load_model(name, weights=weights, device=cfg.device, **kwargs)
     net: nn.Module = loaded.model
-    if not hasattr(net, "compute_loss"):
-        raise DetsegError(f"model {name!r} cannot be trained for detection here (no compute_loss).")
+    loss_fn, make_evaluate_fn, masks = _recipe(loaded)
     preprocess: Preprocess = loaded.preprocess
-    train_items = DetectionDataset(train, train=True, max_size=max_size, preprocess=preprocess)
+    train_items = DetectionDataset(
+        train, train=True, max_size=max_size, preprocess=preprocess, masks=masks
+    )
     evaluate_fn = None
     if val is not None:
-        val_items = DetectionDataset(val, max_size=max_size, preprocess=preprocess)
-        evaluate_fn = fcos_evaluate_fn(val_items, cfg.batch_size, cfg.num_workers)
+        val_items = DetectionDataset(val, max_size=max_size, preprocess=preprocess, masks=masks)
+        evaluate_fn = make_evaluate_fn(val_items, cfg.batch_size, cfg.num_workers)
     meta = CheckpointMeta(
         model=loaded.name,
         kwargs=loaded.kwargs,
@@ -480,7 +496,7 @@ def _train_fcos(
         net,
         train_items,
         cfg,
-        fcos_loss,
+        loss_fn,
         evaluate_fn,
         collate_fn=collate_detection,
         primary_metric="AP50",

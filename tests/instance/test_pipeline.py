@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 
@@ -41,3 +43,22 @@ def test_predict_with_a_two_stage_model(tmp_path):
         model, tmp_path / "img.png", tmp_path / "out", score_threshold=0.0, progress=False
     )
     assert records[0]["width"] == 80 and (tmp_path / "out" / "img_inst.jpg").is_file()
+
+
+def test_train_instance_through_the_cli(shared, tmp_path):
+    from typer.testing import CliRunner
+
+    from detseg.cli import app
+    from tests.conftest import need
+
+    data = need(shared / "data" / "coco128")
+    args = ["train", "--task", "instance", "--model", "polarmask_r50", "--model-arg",
+            "backbone=mobilenet_v2", "--data", str(data), "--steps", "1", "--batch-size", "1",
+            "--max-size", "64", "--eval-every", "0", "--val-limit", "1", "--out",
+            str(tmp_path / "run"), "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 1 and "AP" in summary["last_eval"]
+    loaded = load_model(weights=tmp_path / "run" / "last.safetensors")
+    assert loaded.name == "polarmask_r50" and loaded.task == "instance"
