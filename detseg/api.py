@@ -213,6 +213,10 @@ def evaluate(task: str, **options: Any) -> dict[str, Any]:
         from detseg.detection.pipeline import evaluate_detection
 
         return evaluate_detection(**options)
+    if task == "instance":
+        from detseg.instance.pipeline import evaluate_instance
+
+        return evaluate_instance(**options)
     raise DetsegError(f"`detseg eval` does not support task {task!r} yet.")
 
 

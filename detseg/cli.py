@@ -235,12 +235,14 @@ def eval_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Score a model on a dataset, or saved predictions against ground truth."""
-    if task == "detection":
+    if task in ("detection", "instance"):
         if data is None:
             raise DetsegError("--data is required (COCO JSON, VIA or YOLO folder).")
         loaded = api.load_model(model, weights, device) if (model or weights) else None
+        if task == "instance" and loaded is None:
+            raise DetsegError("--task instance needs --model and/or --weights.")
         metrics = api.evaluate(
-            "detection",
+            task,
             data=data,
             split=split,
             model=loaded,

@@ -70,3 +70,37 @@ def predict_instance_files(
             records.append(record)
             advance(1)
     return records
+
+
+def evaluate_instance(
+    *,
+    data: str | Path,
+    split: str | None = "val",
+    model: LoadedModel,
+    limit: int | None = None,
+    class_name: str = "object",
+    max_size: int = 768,
+    batch_size: int = 2,
+    results_json: str | Path | None = None,
+    **_: Any,
+) -> dict[str, Any]:
+    """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of a PolarMask model on a split."""
+    from detseg.detection.pipeline import _subset, load_split
+    from detseg.errors import DetsegError
+    from detseg.instance.polarmask import PolarMask
+    from detseg.instance.polarmask_training import polarmask_dataset, polarmask_evaluate_fn
+
+    if results_json is not None:
+        raise DetsegError(
+            "to score a results file use `detseg coco-eval GT RESULTS --iou-type segm`."
+        )
+    if not isinstance(model.model, PolarMask):
+        raise DetsegError(
+            f"`detseg eval --task instance` scores PolarMask models, not {model.name!r}."
+        )
+    dataset = _subset(load_split(data, split, class_name), limit)
+    items = polarmask_dataset(dataset, train=False, max_size=max_size, preprocess=model.preprocess)
+    model.model.eval()
+    with torch.no_grad():
+        metrics = polarmask_evaluate_fn(items, batch_size)(model.model)
+    return {**metrics, "split": split, "images": len(dataset.images)}

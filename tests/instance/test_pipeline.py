@@ -62,3 +62,12 @@ def test_train_instance_through_the_cli(shared, tmp_path):
     assert summary["steps"] == 1 and "AP" in summary["last_eval"]
     loaded = load_model(weights=tmp_path / "run" / "last.safetensors")
     assert loaded.name == "polarmask_r50" and loaded.task == "instance"
+
+
+def test_eval_instance_reports_mask_ap(shared):
+    from detseg.api import evaluate
+
+    data = shared / "data" / "coco128"
+    model = load_model("polarmask_r50", device="cpu", backbone="mobilenet_v2")
+    metrics = evaluate("instance", data=data, split="val", model=model, limit=2, max_size=64)
+    assert metrics["images"] == 2 and 0.0 <= metrics["AP"] <= 1.0 and "box_AP50" in metrics
