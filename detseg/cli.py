@@ -308,6 +308,7 @@ def eval_cmd(
 @user_errors
 def predict_cmd(
     source: str = typer.Argument(..., help="Image file, folder or glob."),
+    task: str = typer.Option(None, help="Optional check: the model's task must be this one."),
     model: str = typer.Option(None, help="Registered model name."),
     weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
     out: Path = typer.Option(Path("detseg-out"), "--out", "-o", help="Output folder."),
@@ -327,6 +328,8 @@ def predict_cmd(
 ) -> None:
     """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection)."""
     loaded = api.load_model(model, weights, device)
+    if task is not None and task != loaded.task:
+        raise DetsegError(f"--task {task}: model {loaded.name!r} is a {loaded.task} model.")
     if weights is None and not as_json:
         console.print("[yellow]no --weights given: the model has random weights[/yellow]")
     if loaded.task in ("detection", "instance"):

@@ -11,7 +11,8 @@ import torch
 from detseg.data.images import list_images, read_image, write_image
 from detseg.detection.pipeline import _record
 from detseg.engine.progress import count_progress
-from detseg.instance.polarmask_infer import draw_instances, predict_image
+from detseg.instance.polarmask import PolarMask
+from detseg.instance.polarmask_infer import OFFICIAL_INPUT_SIZE, draw_instances, predict_image
 from detseg.ops.masks import mask_to_rle
 from detseg.results import Instances
 
@@ -31,7 +32,9 @@ def _segment(model: LoadedModel, image: np.ndarray, max_size: int) -> Instances:
     """Instances of one (H, W, 3) uint8 RGB image at its own size, for any instance model."""
     net = model.model
     if hasattr(net, "postprocess"):  # dense single-shot models (PolarMask, TensorMask)
-        return predict_image(net, image, model.preprocess, max_size=max_size)
+        # released PolarMask weights expect the official fixed test-time stretch
+        size = OFFICIAL_INPUT_SIZE if model.official and isinstance(net, PolarMask) else None
+        return predict_image(net, image, model.preprocess, input_size=size, max_size=max_size)
     # two-stage detectron2-style models resize internally and return Instances themselves
     with torch.inference_mode():
         return net.predict(model.preprocess(image).to(model.device), image.shape[:2])
@@ -87,7 +90,6 @@ def evaluate_instance(
     """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of a PolarMask model on a split."""
     from detseg.detection.pipeline import _subset, load_split
     from detseg.errors import DetsegError
-    from detseg.instance.polarmask import PolarMask
     from detseg.instance.polarmask_training import polarmask_dataset, polarmask_evaluate_fn
 
     if results_json is not None:

@@ -71,3 +71,28 @@ def test_eval_instance_reports_mask_ap(shared):
     model = load_model("polarmask_r50", device="cpu", backbone="mobilenet_v2")
     metrics = evaluate("instance", data=data, split="val", model=model, limit=2, max_size=64)
     assert metrics["images"] == 2 and 0.0 <= metrics["AP"] <= 1.0 and "box_AP50" in metrics
+
+
+def test_predict_on_an_official_polarmask_checkpoint(tmp_path):
+    """`detseg predict --task instance --model polarmask_r50 --weights OFFICIAL.pth IMG --json`."""
+    import torch
+    from typer.testing import CliRunner
+
+    from detseg.cli import app
+    from tests.instance.test_polarmask import _official_state
+
+    torch.save(
+        {"state_dict": _official_state(old_names=False), "meta": {"epoch": 12}},
+        tmp_path / "polar_768_1x_r50.pth",
+    )
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (60, 90, 3), np.uint8)).save(
+        tmp_path / "img.png"
+    )
+    args = ["predict", "--task", "instance", "--model", "polarmask_r50", "--weights",
+            str(tmp_path / "polar_768_1x_r50.pth"), str(tmp_path / "img.png"), "-o",
+            str(tmp_path / "out"), "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)["images"][0]
+    assert (record["width"], record["height"]) == (90, 60)
+    assert (tmp_path / "out" / "img_inst.jpg").is_file()
