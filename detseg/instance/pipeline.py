@@ -11,6 +11,7 @@ import torch
 from detseg.data.images import list_images, read_image, write_image
 from detseg.detection.pipeline import _record
 from detseg.engine.progress import count_progress
+from detseg.errors import DetsegError
 from detseg.instance.polarmask import PolarMask
 from detseg.instance.polarmask_infer import OFFICIAL_INPUT_SIZE, draw_instances, predict_image
 from detseg.ops.masks import mask_to_rle
@@ -48,13 +49,18 @@ def predict_instance_files(
     score_threshold: float = 0.3,
     max_size: int = 768,
     progress: bool = True,
+    slice: int | None = None,
+    save_coco: str | Path | None = None,
     **_: Any,
 ) -> list[dict[str, Any]]:
     """Segment instances in every image of ``source``; draw ``<out_dir>/<stem>_inst.jpg``.
 
     Each record lists the instances above ``score_threshold`` like detection records, each with
-    its mask as COCO RLE (``"mask"``) and its area in pixels.
+    its mask as COCO RLE (``"mask"``) and its area in pixels. Sliced inference and COCO result
+    files are detection-only for now and refused here rather than ignored.
     """
+    if slice is not None or save_coco is not None:
+        raise DetsegError("--slice and --save-coco are not available for instance models yet.")
     paths = list_images(source)
     names = list(model.class_names)
     records = []
@@ -89,7 +95,6 @@ def evaluate_instance(
 ) -> dict[str, Any]:
     """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of a PolarMask model on a split."""
     from detseg.detection.pipeline import _subset, load_split
-    from detseg.errors import DetsegError
     from detseg.instance.polarmask_training import polarmask_dataset, polarmask_evaluate_fn
 
     if results_json is not None:
