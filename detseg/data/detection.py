@@ -167,11 +167,3 @@ class DetectionDataset(Dataset):
             masks = np.stack(stack) if stack else np.zeros((0, h, w), np.uint8)
             target["masks"] = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8))
         return self.preprocess(out["image"]), target
-
-
-def collate_detection(
-    batch: list[tuple[torch.Tensor, Target]],
-) -> tuple[list[torch.Tensor], list[Target]]:
-    """A batch as lists (images differ in size; the model pads them)."""
-    images, targets = zip(*batch, strict=True) if batch else ((), ())
-    return list(images), list(targets)

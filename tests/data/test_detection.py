@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from detseg.data.detection import DetectionDataset, collate_detection
+from detseg.data.detection import DetectionDataset
+from detseg.detection.fcos_training import collate_detection
 from detseg.errors import DetsegError
 from tests.conftest import need
 from tests.data.test_coco import tiny_coco
@@ -30,8 +31,8 @@ def test_eval_item_drops_crowd_and_degenerate_keeps_negative(tmp_path: Path) -> 
     assert _mask_extent(target["masks"][0]) == [4, 6, 24, 16]
     _, empty = ds[1]
     assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 40, 60)
-    images, targets = collate_detection([ds[0], ds[1]])
-    assert len(images) == 2 and [t["image_id"] for t in targets] == [11, 12]
+    batch = collate_detection([ds[0], ds[1]])
+    assert len(batch["images"]) == 2 and [t["image_id"] for t in batch["targets"]] == [11, 12]
 
 
 def test_only_degenerate_boxes_gives_a_negative(tmp_path: Path) -> None:
