@@ -766,12 +766,17 @@ _OFFICIAL_RULES: _Rules = [
     (r"rpn\.head\.(.*)", r"head.\1"),
 ]
 
-_MMDET_RULES: _Rules = [
+# mmdetection's ResNet + FPN (P6/P7 from fpn_convs 3/4) onto FCOSBackbone; PolarMask shares them.
+MMDET_BACKBONE_NECK_RULES: _Rules = [
     (r"backbone\.((conv1|bn1|layer\d)\..*)", r"backbone.body.\1"),
     (r"neck\.lateral_convs\.(\d)\.conv\.(.*)", r"backbone.fpn.inner_blocks.\1.0.\2"),
     (r"neck\.fpn_convs\.([0-2])\.conv\.(.*)", r"backbone.fpn.layer_blocks.\1.0.\2"),
     (r"neck\.fpn_convs\.3\.conv\.(.*)", r"backbone.fpn.extra_blocks.p6.\1"),
     (r"neck\.fpn_convs\.4\.conv\.(.*)", r"backbone.fpn.extra_blocks.p7.\1"),
+]
+
+_MMDET_RULES: _Rules = [
+    *MMDET_BACKBONE_NECK_RULES,
     (r"bbox_head\.cls_convs\.(\d)\.(conv|gn)\.(.*)", "head.cls_tower.{1}.\\3"),
     (r"bbox_head\.reg_convs\.(\d)\.(conv|gn)\.(.*)", "head.bbox_tower.{1}.\\3"),
     (r"bbox_head\.(?:conv|fcos)_cls\.(.*)", r"head.cls_logits.\1"),

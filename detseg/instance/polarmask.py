@@ -44,6 +44,7 @@ from torchvision.ops import batched_nms, sigmoid_focal_loss
 
 from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.detection.fcos import (
+    MMDET_BACKBONE_NECK_RULES,
     FCOSBackbone,
     MobileNetV2Body,
     ResNetBody,
@@ -685,11 +686,7 @@ class PolarMask(nn.Module):
 
 # ------------------------------------------------------------------------- official checkpoints
 _RULES: list[tuple[str, str]] = [
-    (r"backbone\.((conv1|bn1|layer\d)\..*)", r"backbone.body.\1"),
-    (r"neck\.lateral_convs\.(\d)\.conv\.(.*)", r"backbone.fpn.inner_blocks.\1.0.\2"),
-    (r"neck\.fpn_convs\.([0-2])\.conv\.(.*)", r"backbone.fpn.layer_blocks.\1.0.\2"),
-    (r"neck\.fpn_convs\.3\.conv\.(.*)", r"backbone.fpn.extra_blocks.p6.\1"),
-    (r"neck\.fpn_convs\.4\.conv\.(.*)", r"backbone.fpn.extra_blocks.p7.\1"),
+    *MMDET_BACKBONE_NECK_RULES,
     (r"bbox_head\.((cls|reg|mask)_convs\..*)", r"head.\1"),
     (r"bbox_head\.(?:polar|fcos)_(cls|reg|mask|centerness)\.(.*)", r"head.polar_\1.\2"),
     (r"bbox_head\.(scales_(bbox|mask)\.\d\.scale)", r"head.\1"),
