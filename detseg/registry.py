@@ -52,6 +52,7 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_ALIASES: dict[str, str] = {}
 
 
 def register_model(
@@ -61,8 +62,13 @@ def register_model(
     summary: str = "",
     defaults: dict[str, Any] | None = None,
     official: OfficialFormat | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering ``builder`` under ``name`` (the builder itself is returned unchanged)."""
+    """Decorator registering ``builder`` under ``name`` (the builder itself is returned unchanged).
+
+    ``aliases`` are other names that resolve to the same entry (e.g. the short names an issue or a
+    paper uses); ``detseg models`` lists the entry once, under ``name``.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
@@ -78,6 +84,10 @@ def register_model(
             defaults=dict(defaults or {}),
             official=official,
         )
+        for alias in aliases:
+            if alias in _REGISTRY or alias in _ALIASES:
+                raise ValueError(f"alias {alias!r} registered twice")
+            _ALIASES[alias] = name
         return builder
 
     return wrap
@@ -97,8 +107,9 @@ def _ensure_loaded() -> None:
 def get_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; ``UnknownModelError`` with close matches otherwise."""
     _ensure_loaded()
+    name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        close = difflib.get_close_matches(name, [*_REGISTRY, *_ALIASES], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownModelError(
             f"unknown model {name!r}.{hint} Run `detseg models` to list the registered models."

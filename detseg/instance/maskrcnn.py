@@ -722,6 +722,7 @@ def from_detectron2(path: str, model: MaskRCNN) -> MaskRCNN:
 
 @register_model(
     "maskrcnn_r50_fpn",
+    aliases=("maskrcnn_r50",),
     task="instance",
     official=d2_official(
         "roi_heads.mask_head.mask_fcn1.weight",

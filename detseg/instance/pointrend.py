@@ -237,6 +237,7 @@ class PointRendRCNN(MaskRCNN):
 
 @register_model(
     "pointrend_r50_fpn",
+    aliases=("pointrend_r50",),
     task="instance",
     official=d2_official(
         "roi_heads.mask_head.point_head.fc1.weight",

@@ -705,6 +705,7 @@ def convert_detectron2(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
 
 @register_model(
     "tensormask_r50_fpn",
+    aliases=("tensormask_r50",),
     task="instance",
     summary="TensorMask, ResNet-50 FPN P2-P7, tensor bipyramid (Chen et al., ICCV 2019)",
     official=OfficialFormat(
