@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import threading
 import time
@@ -156,37 +157,31 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def measure(
+def compare(
     label: str,
     size: str,
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
+    paths: dict[str, Callable[[], Any]],
     iters: int,
     device: torch.device,
-    plan: FastPlan | None = None,
-    name: str | None = None,
 ) -> Row:
-    """Reference, fast (f32) and fast (bf16) of ``model`` on ``inputs``, interleaved."""
-    model = model.eval().to(device)
-    bf16 = "bf16" if device.type == "cpu" else "fp16"
-    paths = {
-        "ref": model,
-        "fast": accelerate(model, name, "f32", plan),
-        "bf16": accelerate(model, name, bf16, plan),
-    }
+    """Time ``paths`` ("ref", "fast", "bf16": argument-less calls), interleaved, best round each.
+
+    The first reference call counts the FLOPs and sets the rounds: ``iters`` when it took under a
+    second, 2 under 4 s, else 1 (so a row stays within about 12 reference-call times).
+    """
     best = dict.fromkeys(paths, float("inf"))
     outputs: dict[str, Any] = {}
     rss = PeakRSS()
     with rss.active(), torch.inference_mode():
         counter = FlopCounterMode(display=False)
         with counter:
-            first, outputs["ref"] = _timed(lambda: model(*inputs), device)
+            first, outputs["ref"] = _timed(paths["ref"], device)
         rounds = iters if first < 1.0 else max(1, min(iters, 2 if first < 4.0 else 1))
         for key in ("fast", "bf16"):  # warm-up
-            paths[key](*inputs)
+            paths[key]()
         for _ in range(rounds):
-            for key, net in paths.items():
-                seconds, outputs[key] = _timed(lambda net=net: net(*inputs), device)
+            for key, fn in paths.items():
+                seconds, outputs[key] = _timed(fn, device)
                 best[key] = min(best[key], seconds)
     flop = counter.get_total_flops()
     diff, rel = max_diff(outputs["ref"], outputs["fast"])
@@ -209,6 +204,32 @@ def measure(
         peak_rss_mb=rss.peak / 2**20,
         rounds=rounds,
     )
+
+
+def reduced_precision(device: torch.device) -> str:
+    """The fast reduced precision of ``device``: bfloat16 on the CPU, float16 on CUDA."""
+    return "bf16" if device.type == "cpu" else "fp16"
+
+
+def measure(
+    label: str,
+    size: str,
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    iters: int,
+    device: torch.device,
+    plan: FastPlan | None = None,
+    name: str | None = None,
+) -> Row:
+    """Reference, fast (f32) and fast (bf16 / fp16) of ``model`` on ``inputs``."""
+    model = model.eval().to(device)
+    nets = {
+        "ref": model,
+        "fast": accelerate(model, name, "f32", plan),
+        "bf16": accelerate(model, name, reduced_precision(device), plan),
+    }
+    paths = {key: functools.partial(net, *inputs) for key, net in nets.items()}
+    return compare(label, size, paths, iters, device)
 
 
 def model_rows(names: list[str], quick: bool, iters: int, device: torch.device) -> Iterator[Row]:
