@@ -35,6 +35,8 @@ def _category(name: str, shapes: list) -> str:
         if len(weight) == 4 and weight[1] == 1 and shapes[0] and shapes[0][1] > 1:
             return "depthwise conv"
         return "GEMM-like (conv, mm)"
+    if any(k in name for k in RESAMPLE):
+        return "resampling / pooling"
     if any(k in name for k in ("mm", "matmul", "linear", "addmm")):
         return "GEMM-like (conv, mm)"
     if any(k in name for k in RESAMPLE):

@@ -14,7 +14,8 @@ times are the best round. GFLOP/s counts the reference forward's FLOPs
 peaks (1024^3 products, best of) measured in every round of the same row, so that both see the
 same share of a shared machine; the run also prints the peaks (2048^3) at its start and end. Peak RSS is the process's resident set
 during the row. Random weights (every parameter exercised; outputs of random deep ResNets are
-large, hence "rel" = max abs diff / max abs reference output). Writes ``OUT.csv`` and ``OUT.png``.
+large, hence "rel" = max abs diff / max abs reference output). Appends each row to ``OUT.csv`` as
+it is measured (so a run may be split over several invocations) and plots the CSV to ``OUT.png``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import itertools
 import os
 import threading
 import time
@@ -295,8 +297,18 @@ HEADER = (
 )
 
 
-def write_outputs(rows: list[Row], out: Path) -> None:
-    """``out.csv`` (the rows) and ``out.png`` (speed-up and share of the f32 peak per row)."""
+def append_csv(row: Row, path: Path) -> None:
+    """Add ``row`` to the CSV at ``path`` (header when new): a long run keeps what it measured."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(row)))
+        if new:
+            writer.writeheader()
+        writer.writerow(asdict(row))
+
+
+def write_plot(csv_path: Path) -> None:
+    """``<csv_path>.png``: speed-up and share of the f32 peak of every row of the CSV."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,25 +316,25 @@ def write_outputs(rows: list[Row], out: Path) -> None:
 
     from detseg.fileio import atomic_output
 
-    with atomic_output(out.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
-    labels = [f"{r.model} {r.size}" for r in rows]
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = [f"{r['model']} {r['size']}" for r in rows]
+    ratio = [float(r["ratio"]) for r in rows]
+    bf16 = [float(r["ref_ms"]) / float(r["bf16_ms"]) for r in rows]
+    pct = [float(r["pct_f32_peak"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.28 * len(rows) + 1.5), sharey=True)
-    y = range(len(rows))
-    ax1.barh([i - 0.2 for i in y], [r.ratio for r in rows], 0.4, label="fast f32")
-    ax1.barh([i + 0.2 for i in y], [r.ref_ms / r.bf16_ms for r in rows], 0.4, label="fast bf16")
+    y = list(range(len(rows)))
+    ax1.barh([i - 0.2 for i in y], ratio, 0.4, label="fast f32")
+    ax1.barh([i + 0.2 for i in y], bf16, 0.4, label="fast bf16")
     ax1.axvline(1.0, color="k", lw=0.8)
-    ax1.set(xlabel="speed-up over the reference path", yticks=list(y), yticklabels=labels)
+    ax1.set(xlabel="speed-up over the reference path", yticks=y, yticklabels=labels)
     ax1.legend()
-    ax2.barh(list(y), [r.pct_f32_peak for r in rows], 0.6)
+    ax2.barh(y, pct, 0.6)
     ax2.axvline(100, color="k", lw=0.8)
     ax2.set(xlabel="fast f32 GFLOP/s, % of the f32 GEMM peak measured with the row")
     ax1.invert_yaxis()
     fig.tight_layout()
-    with atomic_output(out.with_suffix(".png")) as tmp:
+    with atomic_output(csv_path.with_suffix(".png")) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
 
 
@@ -336,7 +348,7 @@ def main() -> None:
     parser.add_argument("--sliding", action="store_true", help="add the 4000x3000 sliding rows")
     parser.add_argument("--pipeline", action="store_true", help="add the end-to-end rows")
     parser.add_argument("--layouts", action="store_true", help="NCHW vs channels-last instead")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.csv and OUT.png")
+    parser.add_argument("--out", type=Path, default=None, help="append to OUT.csv, plot OUT.png")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -355,16 +367,15 @@ def main() -> None:
     )
     print(HEADER)
     source = layout_rows if args.layouts else model_rows
-    rows = []
-    for row in source(names, args.quick, iters, device):
-        print_row(row)
-        rows.append(row)
+    rows = source(names, args.quick, iters, device)
     if args.sliding:
         from bench.sliding_rows import sliding_rows
 
-        for row in sliding_rows(device, args.quick):
-            print_row(row)
-            rows.append(row)
+        rows = itertools.chain(rows, sliding_rows(device, args.quick))
+    for row in rows:
+        print_row(row)
+        if args.out is not None:
+            append_csv(row, args.out.with_suffix(".csv"))
     end_peaks = (gemm_peak(torch.float32, device), gemm_peak(torch.bfloat16, device))
     print(
         f"GEMM peak at the end: f32 {end_peaks[0]:.0f}, bf16 {end_peaks[1]:.0f} GFLOP/s; load "
@@ -374,8 +385,8 @@ def main() -> None:
         from bench.pipeline import main as pipeline_main
 
         pipeline_main(device, args.quick)
-    if args.out is not None and rows:
-        write_outputs(rows, args.out)
+    if args.out is not None and args.out.with_suffix(".csv").exists():
+        write_plot(args.out.with_suffix(".csv"))
 
 
 if __name__ == "__main__":

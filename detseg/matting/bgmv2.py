@@ -268,10 +268,13 @@ def _resized_crop(x: Tensor, cells: Tensor, size: int, pad: int, out_hw: tuple[i
 
 def _paste_(x: Tensor, cells: Tensor, patches: Tensor) -> None:
     """In place: block (b, i, j) of ``cells`` of ``x`` (B, C, H, W) (contiguous) becomes
-    ``patches`` (P, C, 4, 4)."""
-    b, c, h, w = x.shape
-    blocks = x.view(b, c, h // 4, 4, w // 4, 4)
-    blocks[cells[:, 0], :, cells[:, 1], :, cells[:, 2], :] = patches.to(x.dtype)
+    ``patches`` (P, C, 4, 4); one scatter into the flat storage, no copy of ``x``."""
+    _, c, h, w = x.shape
+    d = torch.arange(4, device=x.device)
+    pixels = ((cells[:, 1, None] * 4 + d) * w)[:, :, None] + (cells[:, 2, None] * 4 + d)[:, None]
+    planes = cells[:, 0, None] * c + torch.arange(c, device=x.device)  # (P, C)
+    index = planes[:, :, None] * (h * w) + pixels.reshape(-1, 1, 16)  # (P, C, 16)
+    x.view(-1).index_put_((index.reshape(-1),), patches.reshape(-1).to(x.dtype))
 
 
 class Refiner(nn.Module):
