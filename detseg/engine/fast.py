@@ -50,10 +50,14 @@ class FastPlan:
 
 
 # Chosen per family by ``python -m bench.run --layouts`` on the CPU (docs/performance.md):
-# channels-last ran 1.1-1.3x faster than NCHW for every family measured but SegNet, whose
-# max-unpooling then moves values (ties of the pooling indices): it stays NCHW. The first
-# matching name prefix wins; families not listed take ``DEFAULT_PLAN``.
-PLANS: dict[str, FastPlan] = {"segnet": FastPlan(channels_last=False)}
+# channels-last ran 1.1-1.3x faster than NCHW for every family measured but two: the dilated
+# FCN-ResNet (0.83-0.92x, twice) and SegNet, whose max-unpooling then moves values (ties of the
+# pooling indices); they stay NCHW. The first matching name prefix wins; families not listed
+# take ``DEFAULT_PLAN``.
+PLANS: dict[str, FastPlan] = {
+    "fcn_resnet": FastPlan(channels_last=False),
+    "segnet": FastPlan(channels_last=False),
+}
 DEFAULT_PLAN = FastPlan(channels_last=True)
 
 
