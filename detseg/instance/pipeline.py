@@ -14,6 +14,7 @@ from detseg.engine.progress import count_progress
 from detseg.errors import DetsegError
 from detseg.instance.polarmask import PolarMask
 from detseg.instance.polarmask_infer import OFFICIAL_INPUT_SIZE, draw_instances, predict_image
+from detseg.instance.tensormask import TensorMask
 from detseg.ops.masks import mask_to_rle
 from detseg.results import Instances
 
@@ -93,7 +94,7 @@ def evaluate_instance(
     results_json: str | Path | None = None,
     **_: Any,
 ) -> dict[str, Any]:
-    """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of a PolarMask model on a split."""
+    """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of a PolarMask / TensorMask model."""
     from detseg.detection.pipeline import _subset, load_split
     from detseg.instance.polarmask_training import polarmask_dataset, polarmask_evaluate_fn
 
@@ -101,9 +102,10 @@ def evaluate_instance(
         raise DetsegError(
             "to score a results file use `detseg coco-eval GT RESULTS --iou-type segm`."
         )
-    if not isinstance(model.model, PolarMask):
+    if not isinstance(model.model, PolarMask | TensorMask):
         raise DetsegError(
-            f"`detseg eval --task instance` scores PolarMask models, not {model.name!r}."
+            f"`detseg eval --task instance` scores PolarMask and TensorMask models, "
+            f"not {model.name!r}."
         )
     dataset = _subset(load_split(data, split, class_name), limit)
     items = polarmask_dataset(dataset, train=False, max_size=max_size, preprocess=model.preprocess)

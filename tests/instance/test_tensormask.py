@@ -10,29 +10,36 @@ import numpy as np
 import pytest
 import torch
 
+from detseg.backbones.d2 import ResNetFPN
 from detseg.errors import CheckpointError
 from detseg.instance.tensormask import (
     D2_PREPROCESS,
-    RetinaNetResNetFPN,
     TensorMask,
     TensorMaskHead,
-    assign_windows,
     convert_detectron2,
     d2_test_size,
-    decode_boxes,
-    detection_masks,
-    encode_boxes,
-    focal_loss_star,
-    grid_windows,
-    level_windows,
-    mask_loss,
+    split_head_outputs,
+)
+from detseg.instance.tensormask_infer import (
+    dense_detection_masks,
     paste_masks,
     postprocess,
     select_detections,
-    split_head_outputs,
+    sparse_detection_masks,
+)
+from detseg.instance.tensormask_targets import (
+    assign_windows,
+    focal_loss_star,
+    mask_loss,
     tensormask_losses,
     window_bitmask_targets,
     window_mask_targets,
+)
+from detseg.instance.tensormask_windows import (
+    decode_boxes,
+    encode_boxes,
+    grid_windows,
+    level_windows,
 )
 from detseg.ops.swap_align2nat import swap_align2nat
 from detseg.registry import get_entry
@@ -98,12 +105,14 @@ def _features() -> list[torch.Tensor]:
     return [torch.randn(2, 4, 8 // 2**k, 12 // 2**k) for k in range(3)]
 
 
-def test_natural_masks_dense_equals_sparse() -> None:
+@pytest.mark.parametrize("max_elements", [1 << 22, 40])
+def test_natural_masks_dense_equals_sparse(max_elements: int) -> None:
     head = _small_head()
     feats = _features()
     with torch.no_grad():
         logits, deltas, natural = split_head_outputs(head(*feats), 3)
-        aligned = head.aligned_masks(feats)
+        towers = head.mask_towers(feats)
+        aligned = head.aligned_masks(towers)
     assert [tuple(x.shape) for x in logits] == [(2, 6, 8, 12), (2, 6, 4, 6), (2, 6, 2, 3)]
     assert [tuple(m.shape) for m in natural[2]] == [(2, 144, 2, 3), (2, 400, 2, 3)]
     for k in range(3):
@@ -120,16 +129,21 @@ def test_natural_masks_dense_equals_sparse() -> None:
                 "row": rows,
                 "col": cols,
             }
-            sparse = detection_masks(aligned, dets, 1, bipyramid_on=True)
+            with torch.no_grad():
+                image = [t[1:2] for t in towers]
+                sparse = sparse_detection_masks(head, image, dets, max_elements)
             want = dense[1].permute(1, 2, 0).reshape(-1, side, side).sigmoid()
             assert torch.allclose(torch.stack(sparse), want, atol=1e-6)
+            picked = dense_detection_masks(natural, dets, 1)
+            assert torch.allclose(torch.stack(picked), want, atol=1e-6)
 
 
 def test_bipyramid_p2_fuses_with_itself() -> None:
     head = _small_head()
     feats = _features()
     with torch.no_grad():
-        fused = head.mask_features(feats)
+        towers = head.mask_towers(feats)
+        fused = [head.fused_mask_features(towers, k) for k in range(3)]
         f0 = head.mask_subnet(feats[0])
         assert torch.allclose(fused[0], head.mask_fuse(2 * f0))
         assert all(f.shape[-2:] == (8, 12) for f in fused)
@@ -353,7 +367,7 @@ def test_losses_backpropagate_to_the_head() -> None:
     head.train()
     feats = _features()
     out = split_head_outputs(head(*feats), 3)
-    aligned = head.aligned_masks(feats)
+    aligned = head.aligned_masks(head.mask_towers(feats))
     target = {
         "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
         "labels": torch.tensor([1]),
@@ -438,8 +452,8 @@ def test_model_runs_end_to_end() -> None:
     images = torch.randn(1, 3, 64, 96) * 50
     with torch.no_grad():
         outputs = model(images)
-    assert len(outputs) == 24
-    assert tuple(outputs[12].shape) == (1, 121, 16, 24)  # aligned, P2 grid
+    assert len(outputs) == 18
+    assert tuple(outputs[12].shape) == (1, 128, 16, 24)  # P2 mask tower
     (result,) = model.postprocess(outputs, [(60, 90)], [(120, 180)])
     assert 0 < len(result.scores) <= 100
     assert result.masks.shape == (len(result.scores), 120, 180) and result.masks.dtype == torch.bool
@@ -456,7 +470,7 @@ def test_model_runs_end_to_end() -> None:
 
 
 def test_retinanet_fpn_average_fusion_and_p6_p7_from_c5() -> None:
-    fpn = RetinaNetResNetFPN().eval()
+    fpn = ResNetFPN(fpn_fuse_type="avg", top_block="LastLevelP6P7").eval()
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         p2, p3, p4, p5, p6, p7 = fpn(image)
@@ -480,7 +494,7 @@ def test_onnx_export_matches_raw_head_outputs(tmp_path: Path) -> None:
     from detseg.engine.export import export_single_input
 
     result = export_single_input(TensorMask(), tmp_path / "tensormask.onnx", 64, 96)
-    assert len(result["outputs"]) == 24
+    assert len(result["outputs"]) == 18
     assert max(result["max_abs_diff"].values()) <= 1e-4
 
 
