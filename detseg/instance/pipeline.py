@@ -14,7 +14,7 @@ from detseg.engine.progress import count_progress
 from detseg.errors import DetsegError
 from detseg.instance.polarmask import PolarMask
 from detseg.instance.polarmask_infer import OFFICIAL_INPUT_SIZE, draw_instances, predict_image
-from detseg.instance.tensormask import TensorMask
+from detseg.instance.tensormask import TensorMask, d2_test_size
 from detseg.ops.masks import mask_to_rle
 from detseg.results import Instances
 
@@ -30,13 +30,24 @@ def _above(inst: Instances, threshold: float) -> Instances:
     )
 
 
+def _official_size(model: LoadedModel, image: np.ndarray) -> tuple[int, int] | None:
+    """The (h, w) input size released weights were tested at, or None (longest side max_size)."""
+    if not model.official:
+        return None
+    if isinstance(model.model, PolarMask):  # the official fixed test-time stretch
+        return OFFICIAL_INPUT_SIZE
+    if isinstance(model.model, TensorMask):  # detectron2: short side 800, long side <= 1333
+        return d2_test_size(*image.shape[:2])
+    return None
+
+
 def _segment(model: LoadedModel, image: np.ndarray, max_size: int) -> Instances:
     """Instances of one (H, W, 3) uint8 RGB image at its own size, for any instance model."""
     net = model.model
     if hasattr(net, "postprocess"):  # dense single-shot models (PolarMask, TensorMask)
-        # released PolarMask weights expect the official fixed test-time stretch
-        size = OFFICIAL_INPUT_SIZE if model.official and isinstance(net, PolarMask) else None
-        return predict_image(net, image, model.preprocess, input_size=size, max_size=max_size)
+        return predict_image(
+            net, image, model.preprocess, input_size=_official_size(model, image), max_size=max_size
+        )
     # two-stage detectron2-style models resize internally and return Instances themselves
     with torch.inference_mode():
         return net.predict(model.preprocess(image).to(model.device), image.shape[:2])

@@ -110,3 +110,22 @@ def test_predict_on_an_official_polarmask_checkpoint(tmp_path):
     record = json.loads(result.stdout)["images"][0]
     assert (record["width"], record["height"]) == (90, 60)
     assert (tmp_path / "out" / "img_inst.jpg").is_file()
+
+
+def test_predict_tensormask_draws_masks_and_rles(tmp_path):
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (70, 90, 3), np.uint8)).save(
+        tmp_path / "img.png"
+    )
+    kwargs = dict(kv.split("=") for kv in LIGHT["tensormask_r50"])
+    kwargs = {k: v if k == "backbone" else int(v) for k, v in kwargs.items()}
+    model = load_model("tensormask_r50", device="cpu", num_classes=2, score_thresh=0.0, **kwargs)
+    records = predict(
+        model, tmp_path / "img.png", tmp_path / "out", score_threshold=0.0, max_size=96,
+        progress=False,
+    )  # fmt: skip
+    assert (tmp_path / "out" / "img_inst.jpg").is_file()
+    dets = records[0]["detections"]
+    assert 0 < len(dets) <= 100
+    for det in dets:
+        mask = rle_to_mask(det["mask"])
+        assert mask.shape == (70, 90) and int(mask.sum()) == det["area"]

@@ -488,14 +488,26 @@ def test_retinanet_fpn_average_fusion_and_p6_p7_from_c5() -> None:
     assert [tuple(p.shape[-2:]) for p in (p2, p6, p7)] == [(16, 16), (1, 1), (1, 1)]
 
 
-@pytest.mark.slow
-def test_onnx_export_matches_raw_head_outputs(tmp_path: Path) -> None:
+def _onnx_max_diff(model: TensorMask, path: Path) -> float:
     pytest.importorskip("onnxruntime")
     from detseg.engine.export import export_single_input
 
-    result = export_single_input(TensorMask(), tmp_path / "tensormask.onnx", 64, 96)
+    result = export_single_input(model, path, 64, 96)
     assert len(result["outputs"]) == 18
-    assert max(result["max_abs_diff"].values()) <= 1e-4
+    return max(result["max_abs_diff"].values())
+
+
+def test_onnx_export_of_the_light_model_matches_raw_head_outputs(tmp_path: Path) -> None:
+    from detseg.instance.tensormask_training import LIGHT_KWARGS
+
+    torch.manual_seed(0)
+    assert _onnx_max_diff(TensorMask(num_classes=2, **LIGHT_KWARGS), tmp_path / "tm.onnx") <= 1e-4
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_raw_head_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    assert _onnx_max_diff(TensorMask(), tmp_path / "tensormask.onnx") <= 1e-4
 
 
 def test_window_bitmask_targets_hand_worked() -> None:
