@@ -7,6 +7,10 @@ of 64) trained with ``detseg.engine.trainer.Trainer`` on the 61 balloon training
 jitter, flip), AdamW 2e-3 cosine, batch 4, seed 0, one thread; evaluated without augmentation
 on balloon train and val (mask AP/AP50, box AP50) before training and every ``--eval-every``
 steps. Prints one JSON line per evaluation, the wall and CPU seconds.
+
+    PYTHONPATH=. python bench/tensormask_train.py --plot runs/tm_balloon/history.json docs/x.png
+
+draws the curve of a run (loss; mask AP50 / AP and box AP50 on train and val against step).
 """
 
 from __future__ import annotations
@@ -34,6 +38,35 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def plot_curve(history: Path, out: Path) -> None:
+    """Loss (left) and mask AP50 / AP, box AP50 on train and val (right) of a run's history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from detseg.fileio import atomic_output
+
+    record = json.loads(history.read_text())
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(10, 3.6))
+    train = record["train"]
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax_loss.set(xlabel="step", ylabel="training loss", title="TensorMask, balloon train")
+    steps = [r["step"] for r in record["evals"]]
+    for key, style in (("AP50", "o-"), ("AP", "s-"), ("box_AP50", "^-")):
+        for split, prefix, dash in (("train", "", ""), ("val", "val_", "-")):
+            values = [r[prefix + key] for r in record["evals"]]
+            label = f"{'mask ' if 'box' not in key else ''}{key} {split}"
+            ax_ap.plot(steps, values, style + dash, label=label, markersize=4)
+    ax_ap.set(xlabel="step", ylabel="COCO AP", title="mask / box AP (no augmentation)")
+    ax_ap.legend(fontsize=7, ncol=2)
+    for ax in (ax_loss, ax_ap):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -46,7 +79,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--images", type=int, default=None, help="first N training images only")
     parser.add_argument("--out", default="runs/tm_balloon")
+    parser.add_argument("--plot", nargs=2, type=Path, metavar=("HISTORY", "PNG"))
     args = parser.parse_args()
+    if args.plot:
+        plot_curve(*args.plot)
+        return
     torch.set_num_threads(1)
     balloon = args.shared / "data/balloon"
     train = read_dataset(balloon / "train/via_region_data.json", "balloon")
