@@ -74,28 +74,38 @@ def select_detections(
     }
 
 
+def _covered(lo: Tensor, hi: Tensor, size: int) -> tuple[int, int]:
+    """Pixel indices [a, b) whose centres can lie in [lo, hi] (one pixel of margin), clipped."""
+    return max(0, math.floor(lo.item()) - 1), min(size, math.ceil(hi.item()) + 1)
+
+
 def paste_masks(
-    masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5
+    masks: Sequence[Tensor], boxes: Tensor, height: int, width: int, threshold: float = 0.5
 ) -> Tensor:
-    """Paste (R, M, M) probabilities into (R, 4) xyxy boxes of a (height, width) image.
+    """Paste R probability maps (M_i, M_i) into (R, 4) xyxy boxes of a (height, width) image.
 
     detectron2's ``paste_masks_in_image`` rule: pixel (i, j) has centre (j + 0.5, i + 0.5), is
     sampled bilinearly (``align_corners=False``, zero outside the mask) at its position relative
     to the box, and is on where the value is ≥ ``threshold``. Returns (R, height, width) bool.
+    A pixel whose centre is outside the box samples under half the border value and stays off,
+    so each map is sampled only over its box (memory ∝ box area, one map at a time).
     """
-    if masks.shape[0] == 0:
-        return torch.zeros(0, height, width, dtype=torch.bool, device=masks.device)
-    dtype = masks.dtype
-    x0, y0, x1, y1 = boxes.to(dtype).unbind(1)
-    ys = torch.arange(height, device=masks.device, dtype=dtype) + 0.5
-    xs = torch.arange(width, device=masks.device, dtype=dtype) + 0.5
-    gy = (ys[None] - y0[:, None]) / (y1 - y0)[:, None] * 2 - 1
-    gx = (xs[None] - x0[:, None]) / (x1 - x0)[:, None] * 2 - 1
-    grid = torch.stack(
-        (gx[:, None, :].expand(-1, height, -1), gy[:, :, None].expand(-1, -1, width)), dim=3
-    )
-    pasted = F.grid_sample(masks[:, None], grid, mode="bilinear", align_corners=False)
-    return pasted[:, 0] >= threshold
+    out = torch.zeros(len(masks), height, width, dtype=torch.bool, device=boxes.device)
+    for i, mask in enumerate(masks):
+        dtype = mask.dtype
+        x0, y0, x1, y1 = boxes[i].to(dtype).unbind()
+        r0, r1 = _covered(y0, y1, height)
+        c0, c1 = _covered(x0, x1, width)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        ys = torch.arange(r0, r1, device=mask.device, dtype=dtype) + 0.5
+        xs = torch.arange(c0, c1, device=mask.device, dtype=dtype) + 0.5
+        gy = (ys - y0) / (y1 - y0) * 2 - 1
+        gx = (xs - x0) / (x1 - x0) * 2 - 1
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=2)
+        pasted = F.grid_sample(mask[None, None], grid[None], align_corners=False)
+        out[i, r0:r1, c0:c1] = pasted[0, 0] >= threshold
+    return out
 
 
 def window_mask_logits(
@@ -210,13 +220,7 @@ def postprocess(
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h)
     keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
     windows = dets["windows"][keep] * scale
-    pasted = torch.zeros(len(keep), out_h, out_w, dtype=torch.bool, device=boxes.device)
-    kept_masks = [masks[i] for i in keep.tolist()]
-    for side in sorted({m.shape[-1] for m in kept_masks}):
-        group = [i for i, m in enumerate(kept_masks) if m.shape[-1] == side]
-        idx = torch.tensor(group, device=boxes.device, dtype=torch.long)
-        stacked = torch.stack([kept_masks[i] for i in group])
-        pasted[idx] = paste_masks(stacked, windows[idx], out_h, out_w)
+    pasted = paste_masks([masks[i] for i in keep.tolist()], windows, out_h, out_w)
     return Instances(
         boxes=boxes[keep], scores=dets["scores"][keep], labels=dets["classes"][keep], masks=pasted
     )

@@ -226,6 +226,25 @@ def test_paste_masks_hand_worked() -> None:
     assert paste_masks(torch.zeros(0, 4, 4), torch.zeros(0, 4), 3, 3).shape == (0, 3, 3)
 
 
+def test_paste_over_the_box_equals_sampling_the_whole_image() -> None:
+    gen = torch.Generator().manual_seed(0)
+    height, width = 30, 41
+    boxes = torch.tensor(
+        [[3.2, 4.7, 17.9, 19.4], [-20.0, -9.5, 12.25, 22.75], [25.0, 10.0, 90.0, 75.0]]
+    )
+    masks = [torch.rand(s, s, generator=gen) for s in (5, 9, 13)]
+    masks[1][:, 0] = 1.0  # a full-on border: the pixels just outside the box must stay off
+    got = paste_masks(masks, boxes, height, width)
+    ys = torch.arange(height) + 0.5
+    xs = torch.arange(width) + 0.5
+    for mask, box, pasted in zip(masks, boxes, got, strict=True):
+        gx = (xs - box[0]) / (box[2] - box[0]) * 2 - 1
+        gy = (ys - box[1]) / (box[3] - box[1]) * 2 - 1
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=2)[None]
+        want = torch.nn.functional.grid_sample(mask[None, None], grid, align_corners=False)
+        assert torch.equal(pasted, want[0, 0] >= 0.5)
+
+
 def test_postprocess_scales_clips_and_pastes_into_window() -> None:
     dets = {
         "boxes": torch.tensor([[-4.0, 2.0, 6.0, 8.0], [30.0, 30.0, 40.0, 40.0]]),
