@@ -431,7 +431,9 @@ def export_cmd(
 @user_errors
 def serve_cmd(
     model: list[str] = typer.Option(None, "--model", help="Model to serve (repeatable)."),
-    weights: list[Path] = typer.Option(None, "--weights", help="One per --model, in order."),
+    weights: list[Path] = typer.Option(
+        None, "--weights", help="One per --model, in order ('random': none)."
+    ),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, min=0, max=65535),
     workers: int = typer.Option(1, min=1, help="Inference threads per model."),

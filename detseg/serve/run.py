@@ -16,8 +16,8 @@ def pair_weights(
 ) -> list[tuple[str | None, str | None]]:
     """``--model``/``--weights`` lists -> (model, weights) pairs, matched by position.
 
-    No weights: every model gets random weights. Weights without models: each file is one of our
-    checkpoints, which names its model.
+    No weights: every model gets random weights (so does the word ``random`` in the list).
+    Weights without models: each file is one of our checkpoints, which names its model.
     """
     files = [str(w) for w in weights or []]
     if not models:
@@ -27,9 +27,10 @@ def pair_weights(
     if files and len(files) != len(models):
         raise DetsegError(
             f"{len(models)} --model but {len(files)} --weights; give one --weights per --model "
-            "(in the same order), or none for random weights."
+            "(in the same order; 'random' for random weights), or none at all."
         )
-    return list(zip(models, files or [None] * len(models), strict=True))
+    paired = files or [None] * len(models)
+    return [(m, None if w == "random" else w) for m, w in zip(models, paired, strict=True)]
 
 
 def load_predictors(

@@ -156,8 +156,21 @@ def test_models_are_loaded_once_at_start_up(monkeypatch, tmp_path) -> None:
 def test_model_and_weights_lists_pair_by_position() -> None:
     assert pair_weights(["a", "b"], ["x", "y"]) == [("a", "x"), ("b", "y")]
     assert pair_weights(["a"], None) == [("a", None)]
+    assert pair_weights(["a", "b"], ["random", "y"]) == [("a", None), ("b", "y")]
     assert pair_weights([], ["x.safetensors"]) == [(None, "x.safetensors")]
     with pytest.raises(DetsegError, match="one --weights per --model"):
         pair_weights(["a", "b"], ["x"])
     with pytest.raises(DetsegError, match="--model NAME"):
         pair_weights([], [])
+
+
+def test_cli_reports_unpaired_weights_in_one_line() -> None:
+    from typer.testing import CliRunner
+
+    from detseg.cli import app
+
+    result = CliRunner().invoke(
+        app, ["serve", "--model", "unet", "--model", "fcn8s", "--weights", "x"]
+    )
+    assert result.exit_code == 2
+    assert "detseg: error:" in result.output and "one --weights per --model" in result.output

@@ -93,6 +93,7 @@ def test_a_non_image_shows_the_error(page, tmp_path) -> None:
     page.set_input_files("#image", str(tmp_path / "notes.txt"))
     page.wait_for_selector("#error:not([hidden])")
     assert "not a readable image" in page.inner_text("#error")
+    assert page.is_hidden("#figure")  # the previous picture is not left beside the error
     _shot(page, "serve_error.png")
 
 

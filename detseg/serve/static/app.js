@@ -74,6 +74,7 @@ async function run() {
     $("status").textContent = `done in ${Math.round(performance.now() - start)} ms`;
   } catch (err) {
     $("status").textContent = "";
+    $("figure").hidden = true;  // no stale picture beside the error
     showError(err.message);
   } finally {
     refreshControls();
