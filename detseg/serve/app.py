@@ -7,6 +7,7 @@ loads them once and hands the app to uvicorn. Every error, of every route, is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -26,7 +27,7 @@ from detseg.errors import DetsegError, UnknownModelError
 from detseg.predictor import Predictor
 from detseg.serve.encoding import png_bytes, prediction_json
 from detseg.serve.limits import BodyLimitMiddleware, ServeLimits, error_body
-from detseg.serve.pool import ModelWorker, QueueFull, RequestTimeout
+from detseg.serve.pool import BodyTimeout, ModelWorker, QueueFull, RequestTimeout
 from detseg.serve.schemas import ErrorResponse, Health, ModelsResponse, PredictionResponse
 
 STATIC = Path(__file__).parent / "static"
@@ -62,10 +63,11 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {"image/png": _BINARY},
     },
     404: {**ERRORS, "description": "No such model on this server."},
+    408: {**ERRORS, "description": "The body did not arrive within the server's timeout."},
     413: {**ERRORS, "description": "The request body is over the size limit."},
     422: {**ERRORS, "description": "Not an image, too many pixels, or bad options."},
     503: {**ERRORS, "description": "The model's queue is full (Retry-After: 1)."},
-    504: {**ERRORS, "description": "No answer within the server's timeout."},
+    504: {**ERRORS, "description": "No answer within the server's timeout (after the body)."},
 }
 
 
@@ -120,11 +122,26 @@ def wants_png(accept: str) -> bool:
     return False
 
 
-async def _read_inputs(request: Request) -> tuple[bytes, bytes | None]:
-    """(image bytes, plate bytes or None) from a multipart form or a raw body."""
+async def _read_inputs(request: Request, timeout_s: float) -> tuple[bytes, bytes | None]:
+    """(image bytes, plate bytes or None) from a multipart form or a raw body.
+
+    Raises:
+        BodyTimeout: the body did not arrive within ``timeout_s``. DetsegError: a bad form.
+    """
+    try:
+        return await asyncio.wait_for(_inputs(request), timeout_s)
+    except asyncio.TimeoutError as exc:
+        raise BodyTimeout(
+            f"the request body did not arrive within {timeout_s:g} s; send it at once."
+        ) from exc
+    except HTTPException as exc:  # Starlette's multipart parser rejects a malformed form
+        raise DetsegError(f"bad multipart body: {exc.detail}") from exc
+
+
+async def _inputs(request: Request) -> tuple[bytes, bytes | None]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         return await request.body(), None
-    async with request.form(max_files=2, max_fields=0) as form:
+    async with request.form(max_files=2, max_fields=16) as form:
         files = {key: value for key, value in form.items() if isinstance(value, UploadFile)}
         if "image" not in files:
             raise DetsegError("the multipart body needs a file field named 'image'.")
@@ -170,6 +187,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def full(_: Request, exc: QueueFull) -> Response:
         return error_response(503, str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(BodyTimeout)
+    async def slow_body(_: Request, exc: BodyTimeout) -> Response:
+        return error_response(408, str(exc))
 
     @app.exception_handler(RequestTimeout)
     async def timeout(_: Request, exc: RequestTimeout) -> Response:
@@ -255,7 +276,7 @@ def create_app(predictors: Mapping[str, Predictor], limits: ServeLimits | None =
         worker = worker_of(model)
         if worker.is_full():  # refuse before reading the body
             raise QueueFull(f"model {model!r} is busy; retry shortly.")
-        data, plate = await _read_inputs(request)
+        data, plate = await _read_inputs(request, limits.timeout_s)
         png = wants_png(request.headers.get("accept", ""))
         return await worker.run(
             lambda: _job(worker, opts, data, plate, png, limits.max_pixels), limits.timeout_s

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from detseg.errors import DetsegError
@@ -31,25 +30,24 @@ class RequestTimeout(DetsegError):
     """A request waited and ran longer than the server's timeout (504)."""
 
 
-@dataclass
+class BodyTimeout(DetsegError):
+    """A request body that did not arrive within the server's timeout (408)."""
+
+
 class ModelWorker:
     """One served model: its ``Predictor``, its threads and its slots.
 
-    Attributes:
-        name: the name the routes use; predictor: the default-options predictor.
-        workers: inference threads; queue_size: requests that may wait beside running ones.
+    Args:
+        name: the name the routes use; predictor: the served-defaults predictor.
+        workers: inference threads; queue_size: requests that may wait beside the running ones.
     """
 
-    name: str
-    predictor: Predictor
-    workers: int = 1
-    queue_size: int = 8
-    _busy: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _executor: ThreadPoolExecutor | None = None
-
-    def __post_init__(self) -> None:
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"detseg-{self.name}")
+    def __init__(self, name: str, predictor: Predictor, workers: int = 1, queue_size: int = 8):
+        self.name, self.predictor = name, predictor
+        self.workers, self.queue_size = workers, queue_size
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"detseg-{name}")
 
     @property
     def capacity(self) -> int:
@@ -77,6 +75,7 @@ class ModelWorker:
         }
 
     def is_full(self) -> bool:
+        """True when a request now would be refused."""
         return self._busy >= self.capacity
 
     def _take_slot(self) -> None:
@@ -88,7 +87,7 @@ class ModelWorker:
                 )
             self._busy += 1
 
-    def _give_slot(self, _: Future) -> None:
+    def _give_slot(self, _: Future | None = None) -> None:
         with self._lock:
             self._busy -= 1
 
@@ -99,13 +98,12 @@ class ModelWorker:
             QueueFull: no free slot. RequestTimeout: not done within ``timeout_s`` seconds (a job
                 still waiting is cancelled; a running one finishes on its thread, unanswered).
         """
-        assert self._executor is not None
         self._take_slot()
         deadline = time.monotonic() + timeout_s
         try:
             future = self._executor.submit(_before(deadline, job))
         except RuntimeError as exc:  # the executor is shut down: the server is stopping
-            self._give_slot(Future())
+            self._give_slot()
             raise QueueFull(f"model {self.name!r} is shutting down.") from exc
         future.add_done_callback(self._give_slot)
         waiter = asyncio.wrap_future(future)
@@ -121,8 +119,7 @@ class ModelWorker:
 
     def close(self) -> None:
         """Finish the jobs already submitted, then stop the threads."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=True)
 
 
 def _before(deadline: float, job: Callable[[], T]) -> Callable[[], T]:

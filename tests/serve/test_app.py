@@ -109,6 +109,10 @@ def test_errors_are_json_with_the_right_status(client) -> None:
     small = png(image(24, 32))
     _error(_predict(client, "bgmv2_base_mobilenetv2", data, small), 422, "differ in size")
     _error(client.post("/v1/predict/unet", files={"other": ("a", data)}), 422, "named 'image'")
+    many = {f"f{i}": str(i) for i in range(20)}
+    _error(
+        client.post("/v1/predict/unet", data=many, files={"image": ("a", data)}), 422, "multipart"
+    )
     _error(
         client.post("/v1/predict/unet", content=png(np.zeros((200, 120, 3), np.uint8))),
         422,
@@ -153,7 +157,7 @@ def test_openapi_schema_is_true(client) -> None:
     assert {"multipart/form-data", "application/octet-stream"} <= set(
         predict["requestBody"]["content"]
     )
-    assert {"200", "404", "413", "422", "503", "504"} == set(predict["responses"])
+    assert {"200", "404", "408", "413", "422", "503", "504"} == set(predict["responses"])
     params = {p["name"] for p in predict["parameters"]}
     assert {"model", "score_threshold", "slice", "sliding", "max_size"} <= params
 

@@ -78,6 +78,22 @@ def test_timeout_answers_504_keeps_the_slot_and_cancels_waiting_jobs(gated) -> N
     asyncio.run(scenario())
 
 
+def test_a_body_that_does_not_arrive_answers_408(predictors) -> None:
+    app = create_app({"unet": predictors["unet"]}, ServeLimits(timeout_s=0.3))
+
+    async def trickle():
+        yield DATA[:100]
+        await asyncio.sleep(5)
+        yield DATA[100:]
+
+    async def scenario() -> None:
+        async with _client(app) as client:
+            reply = await client.post("/v1/predict/unet", content=trickle())
+            assert reply.status_code == 408 and "did not arrive" in reply.json()["error"]["message"]
+
+    asyncio.run(scenario())
+
+
 def test_inference_runs_off_the_event_loop(gated) -> None:
     gate, started = threading.Event(), threading.Event()
     app = create_app({"unet": gated(gate, started)})
