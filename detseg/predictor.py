@@ -171,6 +171,20 @@ class Predictor:
     ) -> None:
         self.loaded = loaded
         self.task = loaded.task
+        self.options: dict[str, Any] = dict(
+            score_threshold=score_threshold,
+            sliding=sliding,
+            crop=crop,
+            stride=stride,
+            batch_size=batch_size,
+            slice=slice,
+            overlap=overlap,
+            merge=merge,
+            match=match,
+            full_image=full_image,
+            max_size=max_size,
+            strategy=strategy,
+        )
         self.score_threshold = score_threshold
         self.semantic_options = dict(
             sliding=sliding, crop=crop, stride=stride, batch_size=batch_size
@@ -185,6 +199,10 @@ class Predictor:
             self._slice_cfg = slice_config(slice, overlap, merge, match, full_image, batch_size)  # type: ignore[arg-type]
         elif slice is not None:
             raise DetsegError(f"slicing is not available for {self.task} models here.")
+
+    def with_options(self, **options: Any) -> Predictor:
+        """A predictor of the same model with ``options`` replacing some of this one's."""
+        return Predictor(self.loaded, **{**self.options, **options})
 
     @property
     def needs_plate(self) -> bool:
