@@ -10,8 +10,8 @@ throughput the paper quotes; no decoding or encoding). The reference path of eve
 plain torch eager on the same model and input in the same run; "ratio" = frames/s / reference.
 One thread by default: on a CPU shared with other work, more threads mostly wait at OpenMP
 barriers (measured 1.0 s vs 7 s per HD frame with 1 vs 2 threads on a loaded 2-core machine).
-"BN folded" is ``fuse_batchnorm`` (what ``matte_files`` runs); onnxruntime applies the same
-folding among its default graph optimisations.
+"fast path" is ``detseg.engine.fast.accelerate`` (what ``detseg matte`` runs: BN folded, the
+refiner on windows); onnxruntime applies the same folding among its default graph optimisations.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from detseg.engine.fast import accelerate
 from detseg.matting.bgmv2 import MattingRefine
 from detseg.matting.bgmv2_export import export_onnx
-from detseg.matting.bgmv2_infer import fuse_batchnorm
 
 SIZES = {  # name: (height, width, backbone_scale, refine_sample_pixels)
     "hd": (1080, 1920, 0.25, 80_000),
@@ -79,7 +79,7 @@ def bench(backbone: str, size: str, iters: int, threads: int) -> list[tuple[str,
 
     rows = [
         ("torch eager (reference)", seconds_per_call(eager(model), iters)),
-        ("torch eager, BN folded", seconds_per_call(eager(fuse_batchnorm(model)), iters)),
+        ("torch fast path", seconds_per_call(eager(accelerate(model)), iters)),
     ]
     with tempfile.TemporaryDirectory() as folder:
         session = onnx_runner(model, h, w, threads, Path(folder))

@@ -154,6 +154,14 @@ def load_model(
     )
 
 
+def fast_model(model: LoadedModel, exact: bool = False, precision: str = "f32") -> LoadedModel:
+    """``model`` on its fast inference path at ``precision`` (``"f32"``, ``"bf16"``, ``"fp16"``
+    on CUDA), or unchanged with ``exact`` (the reference path); see ``detseg.engine.fast``."""
+    from detseg.engine.fast import for_inference
+
+    return for_inference(model, exact, precision)
+
+
 def _count_parameters(entry: ModelEntry) -> int | None:
     """Learnable parameters of the default build, on the meta device (no memory, no init time)."""
     for device in ("meta", "cpu"):
@@ -286,11 +294,14 @@ def matte(
     strategy: str = "hybrid",
     device: str = "auto",
     progress: bool = True,
+    exact: bool = False,
+    precision: str = "f32",
 ) -> list[Path]:
     """Alpha mattes for images (and videos, with a background plate).
 
     ``bgmv2_*`` models take the clean plate ``bgr``; ``gfm_*`` models are trimap-free;
     ``method="closed-form"|"knn"`` runs the classical pymatting baselines with a ``trimap``.
+    BackgroundMattingV2 runs its fast path unless ``exact`` (``fast_model``).
     """
     if method != "model":
         from detseg.matting.gfm_infer import matte_images
@@ -316,6 +327,8 @@ def matte(
             resize_bgr=resize_bgr,
             device=device,
             progress=progress,
+            exact=exact,
+            precision=precision,
         )
     from detseg.matting.gfm_infer import matte_images
 

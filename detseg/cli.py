@@ -31,6 +31,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when present).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+ExactOpt = typer.Option(False, "--exact", help="Run the reference path (eager NCHW float32).")
+PrecisionOpt = typer.Option("f32", "--precision", help="f32, bf16 (CPU/GPU) or fp16 (GPU).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -231,6 +233,9 @@ def eval_cmd(
     results: Path = typer.Option(None, help="detection: a COCO results JSON to score."),
     iou_type: str = typer.Option("bbox", help="detection: bbox or segm."),
     class_name: str = typer.Option("object", help="detection: class of single-class VIA data."),
+    precision: str = typer.Option(
+        "f32", help="f32: the reference path; bf16 / fp16: the fast path at that precision."
+    ),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -239,6 +244,8 @@ def eval_cmd(
         if data is None:
             raise DetsegError("--data is required (COCO JSON, VIA or YOLO folder).")
         loaded = api.load_model(model, weights, device) if (model or weights) else None
+        if loaded is not None and precision != "f32":
+            loaded = api.fast_model(loaded, precision=precision)
         if task == "instance" and loaded is None:
             raise DetsegError("--task instance needs --model and/or --weights.")
         metrics = api.evaluate(
@@ -279,6 +286,8 @@ def eval_cmd(
     loaded = None
     if model is not None or weights is not None:
         loaded = api.load_model(model, weights, device)
+        if precision != "f32":
+            loaded = api.fast_model(loaded, precision=precision)
     elif pred is None:
         raise DetsegError("pass --model/--weights to run a model, or --pred to score saved labels.")
     convention = convention or "standard"
@@ -323,11 +332,13 @@ def predict_cmd(
     match: str = typer.Option("iou", help="detection: iou or ios match metric."),
     full_image: bool = typer.Option(False, help="detection: add a whole-image pass to slices."),
     save_coco: Path = typer.Option(None, help="detection: write a COCO results JSON."),
+    exact: bool = ExactOpt,
+    precision: str = PrecisionOpt,
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection)."""
-    loaded = api.load_model(model, weights, device)
+    loaded = api.fast_model(api.load_model(model, weights, device), exact, precision)
     if task is not None and task != loaded.task:
         raise DetsegError(f"--task {task}: model {loaded.name!r} is a {loaded.task} model.")
     if weights is None and not as_json:
@@ -381,6 +392,8 @@ def matte_cmd(
     method: str = typer.Option("model", help="model, closed-form or knn (with --trimap)."),
     trimap: Path = typer.Option(None, help="Trimap PNG or folder (classical methods)."),
     strategy: str = typer.Option("hybrid", help="GFM test strategy: hybrid or resize."),
+    exact: bool = ExactOpt,
+    precision: str = PrecisionOpt,
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -399,6 +412,8 @@ def matte_cmd(
         strategy=strategy,
         device=device,
         progress=not as_json,
+        exact=exact,
+        precision=precision,
     )
     if as_json:
         _emit_json({"written": [str(p) for p in written]})

@@ -31,14 +31,19 @@ def _regen():
     return module
 
 
-def run_fixture(name: str) -> dict[str, float]:
-    """Run fixture ``name``; returns output name -> max abs difference (asserts strict loading)."""
+def run_fixture(name: str, prepare=None) -> dict[str, float]:
+    """Run fixture ``name``; returns output name -> max abs difference (asserts strict loading).
+
+    ``prepare(model) -> model`` (e.g. ``detseg.engine.fast.accelerate``) runs on the loaded model.
+    """
     spec = json.loads(need(parity_dir() / f"{name}.json").read_text())
     arrays = np.load(need(parity_dir() / f"{name}.npz"))
     cls = getattr(importlib.import_module(spec["module"]), spec["class"])
     model = cls(**spec.get("kwargs", {}))
     model.load_state_dict(_regen().regen_state_dict(spec), strict=True)
     model.eval()
+    if prepare is not None:
+        model = prepare(model)
     inputs = [torch.from_numpy(arrays[f"in_{n}"]) for n in spec["inputs"]]
     with torch.no_grad():
         out = model(*inputs)

@@ -33,6 +33,7 @@ from detseg.detection.coco_eval import (
 )
 from detseg.detection.fcos_training import collate_detection, fcos_evaluate_fn, fcos_loss
 from detseg.detection.sliced import DetectFn, SliceConfig, batched_detector, sliced_predict
+from detseg.engine.prefetch import BackgroundWriter, prefetch
 from detseg.engine.progress import count_progress
 from detseg.engine.trainer import TrainConfig, Trainer
 from detseg.errors import DetsegError, InputFileError
@@ -281,6 +282,10 @@ def _record(path: Path, image: np.ndarray, det: Detections, names: Sequence[str]
     }
 
 
+def _draw_to(target: Path, image: np.ndarray, det: Detections, names: Sequence[str]) -> None:
+    write_image(target, draw_detections(image, det, names))
+
+
 def predict_detection_files(
     model: LoadedModel,
     source: str | Path,
@@ -316,9 +321,11 @@ def predict_detection_files(
         _coco_ids(coco_gt, paths, names, num_classes) if save_coco else ([], [])
     )
     records, results = [], []
-    with count_progress(len(paths), "predict", enabled=progress) as advance:
-        for i, path in enumerate(paths):
-            image = read_image(path)
+    with (
+        count_progress(len(paths), "predict", enabled=progress) as advance,
+        BackgroundWriter() as writer,  # reading, inference and drawing overlap
+    ):
+        for i, (path, image) in enumerate(prefetch((p, read_image(p)) for p in paths)):
             det = detect_image(detect, image, slice_cfg)
             if save_coco:
                 results += detections_to_coco(image_ids[i], det, category_ids)
@@ -327,7 +334,7 @@ def predict_detection_files(
             record = _record(path, image, det, names)
             if out_dir is not None:
                 target = Path(out_dir) / f"{path.stem}_det.jpg"
-                write_image(target, draw_detections(image, det, names))
+                writer.submit(_draw_to, target, image, det, names)
                 record["outputs"] = [str(target)]
             records.append(record)
             advance(1)

@@ -213,6 +213,67 @@ def _paste(x: Tensor, cells: Tensor, patches: Tensor) -> Tensor:
     return blocks.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
+def _taps(dst: Tensor, in_size: int, out_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear (``align_corners=False``) taps of output positions ``dst`` (int64, in
+    [0, out_size)) of a resize from ``in_size``: source indices ``i0 <= i1`` and the weight of ``i1``
+    (float32), the arithmetic of ``F.interpolate``."""
+    src = ((dst.to(torch.float32) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    return i0, (i0 + 1).clamp(max=in_size - 1), src - i0
+
+
+def _resize_matrix(dst: Tensor, in_size: int, out_size: int) -> tuple[Tensor, Tensor]:
+    """Per-window 1-D resize matrices for the windows ``dst`` (P, win) of output positions (outside
+    [0, out_size) allowed: their rows are zero): ``(start (P, 1), A (P, win, L) float32)`` such that
+    output row ``dst[p, r]`` is ``sum_k A[p, r, k] * input[start[p] + k]``."""
+    inside = ((dst >= 0) & (dst < out_size)).to(torch.float32)
+    i0, i1, w1 = _taps(dst.clamp(0, out_size - 1), in_size, out_size)
+    start = i0.min(dim=1, keepdim=True).values
+    length = int((i1 - start).max()) + 1
+    a = torch.zeros((*dst.shape, length), dtype=torch.float32, device=dst.device)
+    a.scatter_add_(2, (i0 - start)[..., None], ((1.0 - w1) * inside)[..., None])
+    a.scatter_add_(2, (i1 - start)[..., None], (w1 * inside)[..., None])
+    return start, a
+
+
+def _resized_crop(x: Tensor, cells: Tensor, size: int, pad: int, out_hw: tuple[int, int]) -> Tensor:
+    """``_crop(_resize(x, out_hw), cells, size, pad)`` without making the resized map.
+
+    x (B, C, h, w) -> (P, C, win, win), ``win = size + 2*pad``: each window gathers the few input
+    rows and columns it needs (one ``index_select``) and applies its two bilinear resize matrices
+    (batched matrix products), so the cost follows the windows, not the image size. ``out_hw`` equal
+    to x's size makes it a plain crop. Many-channel maps are gathered pixel by pixel (channels
+    last), few-channel ones plane by plane.
+    """
+    b, c, h, w = x.shape
+    offsets = torch.arange(-pad, size + pad, device=x.device)
+    row0, rows = _resize_matrix(cells[:, 1:2] * size + offsets, h, out_hw[0])
+    col0, cols = _resize_matrix(cells[:, 2:3] * size + offsets, w, out_hw[1])
+    p, lr, lc = rows.shape[0], rows.shape[-1], cols.shape[-1]
+    r = (row0 + torch.arange(lr, device=x.device)).clamp(max=h - 1)  # (P, lr)
+    q = (col0 + torch.arange(lc, device=x.device)).clamp(max=w - 1)  # (P, lc)
+    flat = ((cells[:, 0, None, None] * h + r[:, :, None]) * w + q[:, None, :]).reshape(-1)
+    rows, cols = rows.to(x.dtype), cols.to(x.dtype)
+    if c >= 8:  # (P, lr, lc*C) windows: two matrix products per window
+        pixels = x.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
+        window = pixels.index_select(0, flat).view(p, lr, lc * c)
+        half = torch.matmul(rows, window).view(p, -1, lc, c).transpose(1, 2)  # (P, lc, win, C)
+        out = torch.matmul(cols, half.reshape(p, lc, -1)).view(p, cols.shape[1], -1, c)
+        return out.permute(0, 3, 2, 1)  # (P, C, win, win), channels-last strides
+    planes = x.transpose(0, 1).reshape(c, b * h * w)  # a view when B == 1 and x is NCHW
+    window = planes.index_select(1, flat).view(c, p, lr, lc)
+    out = torch.matmul(torch.matmul(rows, window), cols.transpose(1, 2))  # (C, P, win, win)
+    return out.transpose(0, 1)
+
+
+def _paste_(x: Tensor, cells: Tensor, patches: Tensor) -> None:
+    """In place: block (b, i, j) of ``cells`` of ``x`` (B, C, H, W) (contiguous) becomes
+    ``patches`` (P, C, 4, 4)."""
+    b, c, h, w = x.shape
+    blocks = x.view(b, c, h // 4, 4, w // 4, 4)
+    blocks[cells[:, 0], :, cells[:, 1], :, cells[:, 2], :] = patches.to(x.dtype)
+
+
 class Refiner(nn.Module):
     """Recomputes alpha and the foreground residual at full resolution, everywhere or in 4x4 cells.
 
@@ -223,7 +284,15 @@ class Refiner(nn.Module):
         threshold: thresholding mode cut-off (strict ``>``).
         kernel_size: 1 or 3 (convolutions are unpadded; crops carry the context instead).
         prevent_oversampling: sampling mode: drop selected cells whose error is exactly 0.
+
+    ``fast_inference`` (an attribute, False by default; ``detseg.engine.fast`` sets it): in eval,
+    the sampling and thresholding modes resize only the windows around the selected cells
+    (``_resized_crop``), in chunks of ``chunk`` cells, and paste in place: the same outputs up to
+    float rounding, without the full-resolution temporaries.
     """
+
+    fast_inference = False
+    chunk = 2048
 
     def __init__(
         self,
@@ -291,6 +360,9 @@ class Refiner(nn.Module):
         """
         h, w = src.shape[-2:]
         half, quarter = (h // 2, w // 2), (h // 4, w // 4)
+        if self.fast_inference and self.mode != "full" and not self.training:
+            ref = self.select(_resize(err, quarter))
+            return (*self._refine_fast(src, bgr, pha, fgr, hid, ref), ref)
         src_bgr = torch.cat([src, bgr], dim=1)
         x = _resize(torch.cat([hid, pha, fgr], dim=1), half)
         y = _resize(src_bgr, half)
@@ -321,6 +393,27 @@ class Refiner(nn.Module):
         x = self._stage1(torch.cat([_crop(x, cells, 2, p), _crop(y, cells, 2, p)], dim=1))
         x = F.interpolate(x, size=(4 + 2 * q, 4 + 2 * q), mode="nearest")
         return self._stage2(torch.cat([x, _crop(src_bgr, cells, 4, q)], dim=1))
+
+    def _refine_fast(
+        self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor, ref: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``forward``'s cell path on windows, same arguments -> (pha, fgr residual) at (H, W)."""
+        h, w = src.shape[-2:]
+        p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
+        coarse = torch.cat([hid, pha, fgr], dim=1)
+        pha, fgr = (_resize(t.contiguous(), (h, w)) for t in (pha, fgr))  # NCHW: fastest here
+        selected = torch.nonzero(ref.squeeze(1))  # (P, 3) rows (b, i, j)
+        for start in range(0, selected.shape[0], self.chunk):
+            cells = selected[start : start + self.chunk]
+            x = torch.cat(
+                [_resized_crop(t, cells, 2, p, (h // 2, w // 2)) for t in (coarse, src, bgr)], dim=1
+            )
+            x = F.interpolate(self._stage1(x), size=(4 + 2 * q, 4 + 2 * q), mode="nearest")
+            crops = [_resized_crop(t, cells, 4, q, (h, w)) for t in (src, bgr)]
+            out = self._stage2(torch.cat([x, *crops], dim=1))
+            _paste_(pha, cells, out[:, 0:1])
+            _paste_(fgr, cells, out[:, 1:4])
+        return pha, fgr
 
 
 class MattingRefine(MattingBase):
@@ -374,28 +467,35 @@ class MattingRefine(MattingBase):
         h, w = src.shape[-2:]
         if h % 4 or w % 4:
             raise ValueError(f"MattingRefine needs H and W divisible by 4, got {h}x{w}")
-        # recompute_scale_factor=True: exactly a resize to (floor(H*s), floor(W*s)); unlike
-        # math.floor on the shape, it also stays symbolic when traced for ONNX.
-        src_sm, bgr_sm = (
-            F.interpolate(
-                t,
-                scale_factor=self.backbone_scale,
-                mode="bilinear",
-                align_corners=False,
-                recompute_scale_factor=True,
-            )
-            for t in (src, bgr)
-        )
+        src_sm, bgr_sm = (self._downsample(t) for t in (src, bgr))
         d = self._decode(src_sm, bgr_sm)
         pha_sm = d[:, 0:1].clamp(0.0, 1.0)
         fgr_res_sm = d[:, 1:4]
         err_sm = d[:, 4:5].clamp(0.0, 1.0)
         hid_sm = d[:, 5:].relu()
         pha, fgr_res, ref_sm = self.refiner(src, bgr, pha_sm, fgr_res_sm, err_sm, hid_sm)
-        pha = pha.clamp(0.0, 1.0)
-        fgr = (fgr_res + src).clamp(0.0, 1.0)
+        if self.refiner.fast_inference and not self.training:  # its outputs are fresh: in place
+            pha, fgr = pha.clamp_(0.0, 1.0), fgr_res.add_(src).clamp_(0.0, 1.0)
+        else:
+            pha = pha.clamp(0.0, 1.0)
+            fgr = (fgr_res + src).clamp(0.0, 1.0)
         fgr_sm = (src_sm + fgr_res_sm).clamp(0.0, 1.0)
         return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm
+
+    def _downsample(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, floor(H*s), floor(W*s)), bilinear."""
+        if self.refiner.fast_inference:  # the same resize by size: 3x faster on the CPU
+            h, w = x.shape[-2:]
+            return _resize(x, (int(h * self.backbone_scale), int(w * self.backbone_scale)))
+        # recompute_scale_factor=True: exactly a resize to (floor(H*s), floor(W*s)); unlike
+        # math.floor on the shape, it also stays symbolic when traced for ONNX.
+        return F.interpolate(
+            x,
+            scale_factor=self.backbone_scale,
+            mode="bilinear",
+            align_corners=False,
+            recompute_scale_factor=True,
+        )
 
     @classmethod
     def from_official(cls, path: str | Path, **kwargs: Any) -> MattingRefine:  # type: ignore[override]

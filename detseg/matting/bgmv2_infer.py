@@ -10,8 +10,7 @@ defaults to the official green (120, 255, 155).
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from detseg.data.images import list_images, read_image, write_image
 from detseg.data.video import VideoWriter, is_video, read_frames, video_info
+from detseg.engine.prefetch import BackgroundWriter, prefetch
 from detseg.errors import DetsegError
 from detseg.matting.bgmv2 import MattingBase, MattingRefine
 
@@ -48,29 +47,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with every BatchNorm folded into the convolution registered
-    just before it (how every conv-BN pair of these networks is wired), the BN made an Identity.
-
-    Same outputs up to float rounding, one pass over each feature map less; for inference only
-    (the copy's state dict no longer has the BN keys).
-    """
-    fused = copy.deepcopy(model).eval()
-    for parent in fused.modules():
-        previous: tuple[str, nn.Module] | None = None
-        for name, child in list(parent.named_children()):
-            if (
-                isinstance(child, nn.BatchNorm2d)
-                and previous
-                and isinstance(previous[1], nn.Conv2d)
-            ):
-                setattr(parent, previous[0], fuse_conv_bn_eval(previous[1], child))
-                setattr(parent, name, nn.Identity())
-            previous = (name, child)
-    return fused
-
-
-@torch.no_grad()
+@torch.inference_mode()
 def matte_pair(
     model: nn.Module, src: np.ndarray, bgr: np.ndarray, device: torch.device | str | None = None
 ) -> dict[str, np.ndarray]:
@@ -220,7 +197,6 @@ def matte_files(
         The written files. A video keeps its frame rate; the written videos have no audio.
     """
     kinds = _check_outputs(outputs, model)
-    model = fuse_batchnorm(model)
     plate = read_image(bgr_path)
     out_dir = Path(out_dir)
     if is_video(source):
@@ -229,18 +205,24 @@ def matte_files(
         )
     files = list_images(source)
     written: list[Path] = []
-    for n, path in enumerate(files, 1):
-        src = read_image(path)
-        size = (src.shape[1], src.shape[0])
-        maps = matte_pair(model, src, _fit(plate, size, "background plate", resize_bgr), device)
-        bg = _fit_background(background, size, resize_bgr)
-        for kind in kinds:
-            target = out_dir / kind / f"{path.stem}.png"
-            write_image(target, render(maps, kind, bg))
-            written.append(target)
-        if progress is not None:
-            progress(n, len(files))
+    with BackgroundWriter() as background_writer:  # read, infer and write overlap
+        for n, (path, src) in enumerate(prefetch((p, read_image(p)) for p in files), 1):
+            size = (src.shape[1], src.shape[0])
+            maps = matte_pair(model, src, _fit(plate, size, "background plate", resize_bgr), device)
+            bg = _fit_background(background, size, resize_bgr)
+            targets = [out_dir / kind / f"{path.stem}.png" for kind in kinds]
+            background_writer.submit(_write_images, targets, kinds, maps, bg)
+            written += targets
+            if progress is not None:
+                progress(n, len(files))
     return written
+
+
+def _write_images(
+    targets: list[Path], kinds: list[str], maps: dict[str, np.ndarray], background: Background
+) -> None:
+    for target, kind in zip(targets, kinds, strict=True):
+        write_image(target, render(maps, kind, background))
 
 
 def _fit_background(background: Background, size: tuple[int, int], resize: bool) -> Background:
@@ -270,43 +252,24 @@ def _matte_video(
     bg = _fit_background(VIDEO_GREEN if background is None else background, size, resize_bgr)
     targets = {kind: out_dir / kind / f"{source.stem}.mp4" for kind in kinds}
     writers = {kind: VideoWriter(path, info.fps) for kind, path in targets.items()}
-    _run_writers(
-        writers,
-        _matted_frames(model, read_frames(source), plate, bg, kinds, device),
-        info.frames,
-        progress,
-    )
+    with contextlib.ExitStack() as stack:  # all files appear only if every frame succeeded
+        for writer in writers.values():
+            stack.enter_context(writer)
+        background_writer = stack.enter_context(BackgroundWriter())
+        frames = prefetch(read_frames(source))  # decode, infer and encode overlap
+        for n, frame in enumerate(frames, 1):
+            maps = matte_pair(model, frame, plate, device)
+            background_writer.submit(_write_frame, writers, maps, bg)
+            if progress is not None:
+                progress(n, info.frames)
     return list(targets.values())
 
 
-def _matted_frames(
-    model: nn.Module,
-    frames: Iterable[np.ndarray],
-    plate: np.ndarray,
-    background: Background,
-    kinds: list[str],
-    device: torch.device | str | None,
-) -> Iterator[dict[str, np.ndarray]]:
-    for frame in frames:
-        maps = matte_pair(model, frame, plate, device)
-        yield {kind: _gray_to_rgb(render(maps, kind, background)) for kind in kinds}
-
-
-def _run_writers(
-    writers: dict[str, VideoWriter],
-    frames: Iterable[dict[str, np.ndarray]],
-    total: int,
-    progress: Progress | None,
+def _write_frame(
+    writers: dict[str, VideoWriter], maps: dict[str, np.ndarray], background: Background
 ) -> None:
-    """Feed every rendered frame to its writer; all files appear only if every frame succeeded."""
-    with contextlib.ExitStack() as stack:
-        for writer in writers.values():
-            stack.enter_context(writer)
-        for n, rendered in enumerate(frames, 1):
-            for kind, frame in rendered.items():
-                writers[kind].write(frame)
-            if progress is not None:
-                progress(n, total)
+    for kind, writer in writers.items():
+        writer.write(_gray_to_rgb(render(maps, kind, background)))
 
 
 def matte(
@@ -320,6 +283,8 @@ def matte(
     resize_bgr: bool = False,
     device: str = "auto",
     progress: bool = True,
+    exact: bool = False,
+    precision: str = "f32",
     **model_kwargs: Any,
 ) -> list[Path]:
     """``detseg matte SRC --bgr PLATE --model NAME [--weights W] -o OUT``: load, run, write.
@@ -328,10 +293,13 @@ def matte(
         model: a registered bgmv2 model (``bgmv2_<backbone>`` or ``bgmv2_base_<backbone>``).
         weights: our checkpoint or an official ``.pth``; None = random initialisation.
         background: ``--background`` text (colour or image path, see ``parse_background``).
+        exact, precision: the reference path, or the fast path at this precision
+            (``detseg.engine.fast.for_inference``).
         model_kwargs: constructor overrides, e.g. ``refine_mode="full"``.
         The rest as ``matte_files``; ``progress`` shows a bar over images or frames on stderr.
     """
     from detseg.api import load_model
+    from detseg.engine.fast import for_inference
     from detseg.engine.progress import count_progress
 
     loaded = load_model(model, weights=weights, device=device, **model_kwargs)
@@ -339,6 +307,7 @@ def matte(
         raise DetsegError(
             f"`detseg matte` runs BackgroundMattingV2 models (bgmv2_*), not {model!r}."
         )
+    loaded = for_inference(loaded, exact, precision)
     video = is_video(source)
     total = video_info(source).frames if video else len(list_images(source))
     with count_progress(total, "frames" if video else "images", enabled=progress) as advance:

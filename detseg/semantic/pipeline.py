@@ -16,6 +16,7 @@ from detseg.data.folders import SegmentationFolder, check_label, find_layout, pa
 from detseg.data.images import list_images, read_image, read_label, write_image
 from detseg.data.preprocess import Preprocess
 from detseg.data.transforms import semantic_train_transform
+from detseg.engine.prefetch import BackgroundWriter, prefetch
 from detseg.engine.progress import count_progress
 from detseg.engine.trainer import TrainConfig, Trainer
 from detseg.errors import DetsegError, InputFileError
@@ -150,6 +151,14 @@ def evaluate_semantic(
     return metrics
 
 
+def _write_label_pictures(
+    targets: list[Path], image: np.ndarray, labels: np.ndarray, colours: np.ndarray
+) -> None:
+    """``targets`` = [label PNG (palette), overlay PNG] of one image's (H, W) labels."""
+    write_image(targets[0], labels.astype(np.uint8), colours)
+    write_image(targets[1], overlay(image, labels, colours))
+
+
 def predict_files(
     model: LoadedModel,
     source: str | Path,
@@ -165,9 +174,11 @@ def predict_files(
     paths = list_images(source)
     colours = palette(256, camvid=len(model.class_names) == 11)
     records = []
-    with count_progress(len(paths), "predict", enabled=progress) as advance:
-        for path in paths:
-            image = read_image(path)
+    with (
+        count_progress(len(paths), "predict", enabled=progress) as advance,
+        BackgroundWriter() as writer,  # reading, inference and writing overlap
+    ):
+        for path, image in prefetch((p, read_image(p)) for p in paths):
             labels = segment(
                 model.model,
                 image,
@@ -190,13 +201,11 @@ def predict_files(
                 },
             }
             if out_dir is not None:
-                out = Path(out_dir)
-                write_image(out / f"{path.stem}_label.png", labels.astype(np.uint8), colours)
-                write_image(out / f"{path.stem}_overlay.png", overlay(image, labels, colours))
-                record["outputs"] = [
-                    str(out / f"{path.stem}_label.png"),
-                    str(out / f"{path.stem}_overlay.png"),
+                targets = [
+                    Path(out_dir) / f"{path.stem}_{kind}.png" for kind in ("label", "overlay")
                 ]
+                writer.submit(_write_label_pictures, targets, image, labels, colours)
+                record["outputs"] = [str(t) for t in targets]
             records.append(record)
             advance(1)
     return records

@@ -166,6 +166,22 @@ def test_wrong_model_checkpoint_and_malicious_pickle(tmp_path, unet_ckpt):
     assert not os.path.exists("/tmp/detseg_cli_pwned")
 
 
+def test_predict_exact_and_fast_paths_agree(tmp_path, shapes, unet_ckpt):
+    outputs = {}
+    for flags in (["--exact"], [], ["--precision", "bf16"]):
+        out = tmp_path / ("_".join(flags) or "fast")
+        args = ["predict", str(shapes / "val"), "--weights", str(unet_ckpt), "-o", str(out)]
+        result = _run(*args, *flags, "--json")
+        assert result.exit_code == 0, result.output
+        outputs[out.name] = np.asarray(Image.open(out / "0000_label.png"))
+    exact = outputs.pop("--exact")
+    np.testing.assert_array_equal(outputs["fast"], exact)
+    assert (outputs["--precision_bf16"] == exact).mean() > 0.9
+    args = ["predict", str(shapes / "val"), "--weights", str(unet_ckpt), "-o", str(tmp_path)]
+    _assert_user_error(_run(*args, "--exact", "--precision", "bf16"), "--exact")
+    _assert_user_error(_run(*args, "--precision", "fp8"), "--precision")
+
+
 def test_eval_saved_predictions_and_bad_labels(tmp_path, shapes):
     preds = tmp_path / "preds"
     preds.mkdir()

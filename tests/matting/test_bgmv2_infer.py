@@ -16,7 +16,6 @@ from detseg.matting.bgmv2 import MattingBase, MattingRefine
 from detseg.matting.bgmv2_infer import (
     OUTPUTS,
     composite,
-    fuse_batchnorm,
     matte,
     matte_files,
     matte_pair,
@@ -130,23 +129,6 @@ def test_video_keeps_fps_and_frames(model, tmp_path) -> None:
         info = video_info(path)
         assert (info.fps, info.width, info.height) == (Fraction(15), 64, 48)
         assert len(list(read_frames(path))) == 3
-
-
-@pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50"])
-def test_fuse_batchnorm_keeps_outputs(backbone: str) -> None:
-    model = MattingRefine(backbone, refine_mode="full").eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-    fused = fuse_batchnorm(model)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    src, bgr = torch.rand(1, 3, 32, 48), torch.rand(1, 3, 32, 48)
-    with torch.no_grad():
-        for a, b in zip(model(src, bgr), fused(src, bgr), strict=True):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 def test_matte_command_with_official_checkpoint(bgm_pair, tmp_path) -> None:

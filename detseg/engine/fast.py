@@ -1,0 +1,226 @@
+"""Fast inference paths: the same network and weights, cheaper to run.
+
+``accelerate(model, name, precision)`` returns an inference copy of ``model`` (same class, so every
+``isinstance`` check and ``postprocess`` keep working) with:
+
+- every BatchNorm folded into the convolution just before it (``fold_batchnorm``);
+- the modules' own fast paths switched on: a module class with a ``fast_inference`` attribute
+  (e.g. the BackgroundMattingV2 refiner) gets it set to True;
+- per model family, as measured by ``bench/run.py`` (``PLANS``): channels-last weights;
+- with ``precision="bf16"`` (or ``"fp16"`` on CUDA) its forward under ``torch.autocast``, floating
+  outputs cast back to float32.
+
+The float32 fast path keeps the outputs within 1e-4 of the reference (eager, NCHW, float32), which
+``--exact`` still selects; reduced precision trades accuracy for speed (``docs/performance.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torchvision.ops import FrozenBatchNorm2d
+
+from detseg.errors import DetsegError
+
+if TYPE_CHECKING:
+    from detseg.api import LoadedModel
+
+PRECISIONS = ("f32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """What the fast path of one model family does beyond BN folding and ``fast_inference``.
+
+    Attributes:
+        channels_last: channels-last (NHWC) convolution weights; a convolution's output takes its
+            weight's layout, so the feature maps follow (inputs are left as they are).
+    """
+
+    channels_last: bool = False
+
+
+# Chosen per family by ``python -m bench.run --layouts`` on the CPU (docs/performance.md):
+# channels-last ran 1.1-1.3x faster than NCHW for every family measured but SegNet, whose
+# max-unpooling then moves values (ties of the pooling indices): it stays NCHW. The first
+# matching name prefix wins; families not listed take ``DEFAULT_PLAN``.
+PLANS: dict[str, FastPlan] = {"segnet": FastPlan(channels_last=False)}
+DEFAULT_PLAN = FastPlan(channels_last=True)
+
+
+def plan_for(name: str | None) -> FastPlan:
+    """The measured ``FastPlan`` of registry name ``name`` (``DEFAULT_PLAN`` when unknown)."""
+    for prefix, plan in PLANS.items():
+        if name is not None and name.startswith(prefix):
+            return plan
+    return DEFAULT_PLAN
+
+
+def _foldable(bn: nn.Module) -> bool:
+    if isinstance(bn, FrozenBatchNorm2d):
+        return True
+    return isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+
+
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """A copy of ``conv`` computing ``bn(conv(x))`` (``bn`` in eval mode)."""
+    fused = copy.deepcopy(conv)
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight,
+        conv.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.eps,
+        bn.weight,
+        bn.bias,
+    )
+    fused.weight, fused.bias = weight, bias
+    return fused
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm2d / FrozenBatchNorm2d folded into the
+    Conv2d registered just before it in the same parent (how the conv-BN pairs of these networks
+    are wired), the BN made an Identity.
+
+    Same outputs up to float rounding, one pass over each feature map less; for inference only (the
+    copy's state dict no longer has the BN keys). Every registered model's folded outputs are checked
+    against its reference in the tests.
+    """
+    fused = copy.deepcopy(model).eval()
+    for parent in fused.modules():
+        previous: tuple[str, nn.Module] | None = None
+        for name, child in list(parent.named_children()):
+            if previous and isinstance(previous[1], nn.Conv2d) and _foldable(child):
+                setattr(parent, previous[0], _fold(previous[1], child))
+                setattr(parent, name, nn.Identity())
+            previous = (name, child)
+    return fused
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """``"f32" | "bf16" | "fp16"`` -> the autocast dtype on ``device`` (None for float32).
+
+    Raises ``DetsegError`` for an unknown precision, and for float16 on the CPU (no fast float16
+    kernels there; bfloat16 is the CPU's reduced precision).
+    """
+    if precision not in PRECISIONS:
+        raise DetsegError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    device = torch.device(device)
+    if precision == "f32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise DetsegError("--precision fp16 needs --device cuda; on the CPU use bf16.")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a (nested) tuple / list / dict output."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _to_output(t: torch.Tensor) -> torch.Tensor:
+    """Floating outputs back to float32, contiguous NCHW (what the reference path returns)."""
+    if t.is_floating_point():
+        return t.float().contiguous()
+    return t
+
+
+def _wrap_forward(module: nn.Module, dtype: torch.dtype | None) -> None:
+    """Give ``module`` (in place) a forward under autocast (``dtype``, or none) returning float32,
+    NCHW-contiguous outputs."""
+    inner = module.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        device = next(module.parameters()).device.type
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = inner(*args, **kwargs)
+        return _map_tensors(out, _to_output)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+
+def accelerate(
+    model: nn.Module,
+    name: str | None = None,
+    precision: str = "f32",
+    plan: FastPlan | None = None,
+) -> nn.Module:
+    """The fast inference copy of ``model`` (eval mode; ``model`` itself is left unchanged).
+
+    Args:
+        model: a built network (any registered model).
+        name: its registry name, to look up the measured ``FastPlan`` (``plan`` overrides).
+        precision: ``"f32"``, ``"bf16"`` (autocast; CPUs with AVX512-BF16/AMX, and GPUs) or
+            ``"fp16"`` (CUDA only).
+
+    The copy's ``forward`` takes and returns what the model's does (floating outputs float32).
+    """
+    plan = plan or plan_for(name)
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+    dtype = autocast_dtype(precision, device)
+    fast = fold_batchnorm(model)
+    for module in fast.modules():
+        if hasattr(type(module), "fast_inference"):
+            module.fast_inference = True  # type: ignore[assignment]
+    if plan.channels_last:
+        fast = fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if dtype is not None or plan.channels_last:
+        _wrap_forward(fast, dtype)
+    return fast
+
+
+def for_inference(loaded: LoadedModel, exact: bool = False, precision: str = "f32") -> LoadedModel:
+    """``loaded`` with its fast inference copy (``accelerate``), or unchanged with ``exact``.
+
+    What ``detseg predict`` / ``detseg matte`` run: the fast path by default, the reference path
+    with ``--exact`` (float32 only: ``DetsegError`` for ``exact`` with another precision).
+    """
+    if exact:
+        if precision != "f32":
+            raise DetsegError(
+                f"--exact runs the float32 reference path; drop --precision {precision} or --exact."
+            )
+        return loaded
+    return dataclasses.replace(loaded, model=accelerate(loaded.model, loaded.name, precision))
+
+
+def example_inputs(
+    model: nn.Module, batch: int, height: int, width: int, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs for ``model.forward``, on the model's device: one (batch, 3, height, width)
+    float32 tensor in [0, 1] per required positional argument (an image; BackgroundMattingV2's
+    photo and plate), or for the two-stage instance models' ``forward(image, output_size)`` one
+    (3, height, width) image in 0..255 and its size (``batch`` is ignored there)."""
+    signature = inspect.signature(model.forward).parameters
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    if list(signature) == ["image", "output_size"]:
+        image = torch.rand(3, height, width, generator=generator) * 255
+        return image.to(device), torch.tensor([height, width], device=device)
+    params = signature.values()
+    count = sum(
+        p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in params
+    )
+    return tuple(
+        torch.rand(batch, 3, height, width, generator=generator).to(device)
+        for _ in range(max(count, 1))
+    )

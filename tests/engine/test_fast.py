@@ -1,0 +1,163 @@
+"""Fast inference paths: same outputs as the reference path, BN folding, precision handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from detseg.api import load_model
+from detseg.engine.fast import (
+    FastPlan,
+    accelerate,
+    autocast_dtype,
+    example_inputs,
+    fold_batchnorm,
+    for_inference,
+)
+from detseg.errors import DetsegError
+from detseg.matting.bgmv2 import MattingRefine, _crop, _resize, _resized_crop
+from detseg.registry import get_entry, list_models
+from tests.parity import fixture_names, parity_dir, run_fixture
+
+
+def _random_statistics(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that folding them is actually tested."""
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d):
+            n = m.running_mean.shape[0]
+            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model.eval()
+
+
+def _outputs(out: object) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple | list) else [out]  # type: ignore[arg-type]
+
+
+def _assert_same(reference: nn.Module, fast: nn.Module, inputs: tuple, atol: float) -> None:
+    with torch.inference_mode():
+        expected, actual = _outputs(reference(*inputs)), _outputs(fast(*inputs))
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual, strict=True):
+        assert b.dtype == a.dtype and b.shape == a.shape
+        scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
+        torch.testing.assert_close(b, a, atol=atol * scale, rtol=0)
+
+
+def test_fold_batchnorm_removes_bn_and_keeps_outputs() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        FrozenBatchNorm2d(4),
+        nn.BatchNorm2d(4),  # after a BN, not a conv: stays
+    )
+    model = _random_statistics(model)
+    fused = fold_batchnorm(model)
+    kinds = [type(m) for m in fused]
+    assert kinds == [nn.Conv2d, nn.Identity, nn.ReLU, nn.Conv2d, nn.Identity, nn.BatchNorm2d]
+    assert isinstance(model[1], nn.BatchNorm2d)  # the original is untouched
+    _assert_same(model, fused, (torch.randn(2, 3, 9, 7),), 1e-5)
+
+
+def test_fold_batchnorm_skips_batch_statistics() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    assert isinstance(fold_batchnorm(model)[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["espnet", "unet", "deeplabv3plus_mobilenetv2", "fcos_mnv2_fpn"],
+)
+def test_fast_path_matches_reference(name: str) -> None:
+    torch.manual_seed(0)
+    model = _random_statistics(get_entry(name).build())
+    inputs = example_inputs(model, 2, 64, 96)
+    _assert_same(model, accelerate(model, name), inputs, 1e-4)
+    _assert_same(model, accelerate(model, name, plan=FastPlan(channels_last=False)), inputs, 1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [e.name for e in list_models() if e.name != "hog_svm"])
+def test_every_model_fast_path_matches_reference(name: str) -> None:
+    torch.manual_seed(0)
+    model = _random_statistics(get_entry(name).build())
+    _assert_same(model, accelerate(model, name), example_inputs(model, 1, 64, 64), 1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sampling", "thresholding"])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_bgmv2_fast_refiner_matches_reference(mode: str, kernel_size: int) -> None:
+    torch.manual_seed(0)
+    model = MattingRefine(
+        "mobilenetv2",
+        refine_mode=mode,
+        refine_sample_pixels=16 * 60,
+        refine_threshold=0.3,
+        refine_kernel_size=kernel_size,
+    )
+    model = _random_statistics(model)
+    model.refiner.chunk = 16  # several chunks
+    fast = accelerate(model)
+    assert fast.refiner.fast_inference and not model.refiner.fast_inference
+    inputs = (torch.rand(2, 3, 72, 100), torch.rand(2, 3, 72, 100))
+    _assert_same(model, fast, inputs, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=() if "mnv2" in n else pytest.mark.slow)
+        for n in fixture_names("bgmv2_refine")
+    ],
+)
+def test_bgmv2_fast_path_on_parity_fixtures(name: str) -> None:
+    tolerance = json.loads((parity_dir() / f"{name}.json").read_text())["tolerance"]
+    for output, diff in run_fixture(name, prepare=accelerate).items():
+        assert diff <= tolerance, (output, diff)
+
+
+@pytest.mark.parametrize("out_hw", [(13, 21), (26, 42), (52, 84), (7, 10)])
+@pytest.mark.parametrize("channels", [3, 12])
+def test_resized_crop_equals_crop_of_resize(out_hw: tuple[int, int], channels: int) -> None:
+    x = torch.randn(2, channels, 13, 21)
+    cells = torch.tensor([[0, 0, 0], [1, 2, 3], [0, 3, 5], [1, 1, 4]])  # corners and inside
+    cells = cells[(cells[:, 1] * 2 < out_hw[0]) & (cells[:, 2] * 2 < out_hw[1])]
+    expected = _crop(_resize(x, out_hw), cells, 2, 3)
+    torch.testing.assert_close(_resized_crop(x, cells, 2, 3, out_hw), expected, atol=1e-5, rtol=0)
+    expected = _crop(x if out_hw == (13, 21) else _resize(x, out_hw), cells, 2, 0)
+    torch.testing.assert_close(_resized_crop(x, cells, 2, 0, out_hw), expected, atol=1e-5, rtol=0)
+
+
+def test_bf16_path_returns_float32_close_to_reference() -> None:
+    torch.manual_seed(0)
+    model = get_entry("fcn_resnet18").build(num_classes=3).eval()
+    x = example_inputs(model, 1, 64, 64)
+    fast = accelerate(model, "fcn_resnet18", "bf16")
+    with torch.inference_mode():
+        ref, out = model(*x), fast(*x)
+    assert out.dtype == torch.float32
+    assert 0 < float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+def test_precision_errors() -> None:
+    assert autocast_dtype("f32", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(DetsegError, match="cuda"):
+        autocast_dtype("fp16", "cpu")
+    with pytest.raises(DetsegError, match="precision"):
+        autocast_dtype("int8", "cpu")
+    loaded = load_model("espnet_c", device="cpu")
+    assert for_inference(loaded, exact=True) is loaded
+    with pytest.raises(DetsegError, match="--exact"):
+        for_inference(loaded, exact=True, precision="bf16")
+    fast = for_inference(loaded)
+    assert fast.model is not loaded.model and type(fast.model) is type(loaded.model)
+    _assert_same(loaded.model, fast.model, (torch.rand(1, 3, 30, 40),), 1e-4)
