@@ -442,6 +442,42 @@ def export_cmd(
         console.print(result)
 
 
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    model: list[str] = typer.Option(None, "--model", help="Model to serve (repeatable)."),
+    weights: list[Path] = typer.Option(
+        None, "--weights", help="One per --model, in order ('random': none)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    workers: int = typer.Option(1, min=1, help="Inference threads per model."),
+    queue_size: int = typer.Option(8, min=0, help="Requests waiting per model before 503."),
+    timeout: float = typer.Option(60.0, min=0.001, help="Seconds per request before 504."),
+    max_body_mb: float = typer.Option(20.0, min=0.001, help="Largest request body (413)."),
+    max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image, w x h (422)."),
+    score_threshold: float = typer.Option(0.3, help="detection: default score threshold."),
+    device: str = DeviceOpt,
+) -> None:
+    """Serve models over HTTP (JSON API, web page at /); needs the serve extra."""
+    from detseg.serve.limits import ServeLimits
+    from detseg.serve.run import load_predictors, pair_weights, serve
+
+    limits = ServeLimits(
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_pixels=max_pixels,
+        queue_size=queue_size,
+        workers=workers,
+        timeout_s=timeout,
+    )
+    pairs = pair_weights(model or [], weights or [])
+    if not weights:
+        console.print("[yellow]no --weights given: the models have random weights[/yellow]")
+    predictors = load_predictors(pairs, device, score_threshold=score_threshold)
+    console.print(f"serving {', '.join(predictors)} on http://{host}:{port}/")
+    serve(predictors, host=host, port=port, limits=limits)
+
+
 @app.command("coco-eval")
 @user_errors
 def coco_eval_cmd(

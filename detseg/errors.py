@@ -11,6 +11,10 @@ class InputFileError(DetsegError):
     """A file given by the user is missing, unreadable, truncated or malformed."""
 
 
+class ImageTooLargeError(InputFileError):
+    """An image with more pixels than the configured cap (a possible decompression bomb)."""
+
+
 class CheckpointError(DetsegError):
     """A weights file is of the wrong model, of an unknown format, or unsafe to load."""
 

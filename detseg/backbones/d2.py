@@ -3,8 +3,8 @@
 Module names follow detectron2's ``build_resnet_fpn_backbone``: ``bottom_up.stem.conv1`` (with its
 FrozenBN as ``conv1.norm``), ``bottom_up.res{2..5}.{i}.conv{1,2,3}`` and ``.shortcut``,
 ``fpn_lateral{2..5}`` and ``fpn_output{2..5}``. The layout is MSRA's (stride in the first 1x1 when
-``stride_in_1x1``), FrozenBN with eps 1e-5, FPN with sum fusion, nearest x2 top-down and
-P6 = max_pool(P5, kernel 1, stride 2).
+``stride_in_1x1``), FrozenBN with eps 1e-5, FPN with sum (or RetinaNet's average) fusion, nearest x2 top-down and
+P6 = max_pool(P5, kernel 1, stride 2) (or RetinaNet's P6/P7 from C5).
 """
 
 from __future__ import annotations
@@ -117,11 +117,85 @@ class ResNet(nn.Module):
         return out
 
 
-class ResNetFPN(nn.Module):
-    """detectron2 ``build_resnet_fpn_backbone``: ``forward(image (N,3,H,W)) -> (p2, p3, p4, p5, p6)``.
+class LastLevelP6P7(nn.Module):
+    """detectron2 ``LastLevelP6P7``: P6 = conv3x3/2(C5), P7 = conv3x3/2(ReLU(P6)) (RetinaNet)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+        for conv in (self.p6, self.p7):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, c5: Tensor) -> tuple[Tensor, Tensor]:
+        p6 = self.p6(c5)
+        return p6, self.p7(F.relu(p6))
+
+
+class FPN(nn.Module):
+    """detectron2 ``FPN`` over any ``bottom_up`` returning ``{"res2": C2, ..., "res5": C5}``.
+
+    ``forward(image (N, 3, H, W), H and W multiples of 32) -> (p2, ..., p5, p6[, p7])``: lateral
+    1x1 convs, nearest x2 top-down (``fuse_type="avg"`` halves each sum, the halved map
+    propagating), 3x3 output convs; ``top_block`` "LastLevelMaxPool" (P6 = max_pool(P5, 1, 2))
+    or "LastLevelP6P7" (P6/P7 from C5, :class:`LastLevelP6P7`).
+
+    Args:
+        bottom_up: the trunk, stored as ``bottom_up``.
+        in_channels: channels of each of ``in_features`` (C2..C5), in that order.
+    """
+
+    def __init__(
+        self,
+        bottom_up: nn.Module,
+        in_features: Sequence[str],
+        in_channels: Sequence[int],
+        out_channels: int = 256,
+        fuse_type: str = "sum",
+        top_block: str = "LastLevelMaxPool",
+    ) -> None:
+        super().__init__()
+        if fuse_type not in ("sum", "avg") or top_block not in TOP_BLOCKS:
+            raise ValueError(f"unsupported detectron2 FPN setting {(fuse_type, top_block)}")
+        self.bottom_up = bottom_up
+        self.in_features = list(in_features)
+        self.fuse_type = fuse_type
+        for name, cin in zip(self.in_features, in_channels, strict=True):
+            level = int(name[-1])
+            self.add_module(f"fpn_lateral{level}", nn.Conv2d(cin, out_channels, 1))
+            self.add_module(
+                f"fpn_output{level}", nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            )
+        if top_block == "LastLevelP6P7":
+            self.top_block = LastLevelP6P7(in_channels[-1], out_channels)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        feats = self.bottom_up(image)
+        levels = [int(n[-1]) for n in self.in_features]
+        prev = getattr(self, f"fpn_lateral{levels[-1]}")(feats[self.in_features[-1]])
+        outs = [getattr(self, f"fpn_output{levels[-1]}")(prev)]
+        for name, level in zip(self.in_features[-2::-1], levels[-2::-1], strict=True):
+            lateral = getattr(self, f"fpn_lateral{level}")(feats[name])
+            prev = lateral + F.interpolate(prev, scale_factor=2.0, mode="nearest")
+            if self.fuse_type == "avg":
+                prev = prev / 2
+            outs.insert(0, getattr(self, f"fpn_output{level}")(prev))
+        if hasattr(self, "top_block"):
+            return (*outs, *self.top_block(feats[self.in_features[-1]]))
+        return (*outs, F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+
+
+TOP_BLOCKS = ("LastLevelMaxPool", "LastLevelP6P7")
+
+
+class ResNetFPN(FPN):
+    """detectron2 ``build_resnet_fpn_backbone`` (``top_block="LastLevelMaxPool"``, p2..p6) and
+    ``build_retinanet_resnet_fpn_backbone`` (``fpn_fuse_type="avg"``-capable, ``"LastLevelP6P7"``
+    from C5, p2..p7): ``forward(image (N,3,H,W)) -> (p2, ...)``.
 
     H and W must be multiples of 32 (detectron2 pads the batch to that). The keyword arguments are
-    detectron2's config values; only the R-50/101 FrozenBN, sum-fusion, max-pool-P6 setting exists.
+    detectron2's config values; only the R-50/101 FrozenBN, no-FPN-norm setting exists.
     """
 
     def __init__(
@@ -141,11 +215,11 @@ class ResNetFPN(nn.Module):
         fpn_fuse_type: str = "sum",
         top_block: str = "LastLevelMaxPool",
     ) -> None:
-        super().__init__()
-        supported = (norm, num_groups, fpn_norm, fpn_fuse_type, top_block)
-        if supported != ("FrozenBN", 1, "", "sum", "LastLevelMaxPool"):
-            raise ValueError(f"unsupported detectron2 backbone setting {supported}")
-        self.bottom_up = ResNet(
+        if (norm, num_groups, fpn_norm) != ("FrozenBN", 1, ""):
+            raise ValueError(
+                f"unsupported detectron2 backbone setting {(norm, num_groups, fpn_norm)}"
+            )
+        bottom_up = ResNet(
             depth,
             stride_in_1x1,
             width_per_group,
@@ -153,23 +227,7 @@ class ResNetFPN(nn.Module):
             res2_out_channels,
             res5_dilation,
         )
-        self.in_features = list(fpn_in_features)
-        for name in self.in_features:
-            level = int(name[-1])
-            cin = res2_out_channels * 2 ** (level - 2)
-            self.add_module(f"fpn_lateral{level}", nn.Conv2d(cin, fpn_out_channels, 1))
-            self.add_module(
-                f"fpn_output{level}", nn.Conv2d(fpn_out_channels, fpn_out_channels, 3, padding=1)
-            )
-
-    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        feats = self.bottom_up(image)
-        levels = [int(n[-1]) for n in self.in_features]
-        prev = getattr(self, f"fpn_lateral{levels[-1]}")(feats[self.in_features[-1]])
-        outs = [getattr(self, f"fpn_output{levels[-1]}")(prev)]
-        for name, level in zip(self.in_features[-2::-1], levels[-2::-1], strict=True):
-            lateral = getattr(self, f"fpn_lateral{level}")(feats[name])
-            prev = lateral + F.interpolate(prev, scale_factor=2.0, mode="nearest")
-            outs.insert(0, getattr(self, f"fpn_output{level}")(prev))
-        outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
-        return tuple(outs)
+        channels = [res2_out_channels * 2 ** (int(n[-1]) - 2) for n in fpn_in_features]
+        super().__init__(
+            bottom_up, fpn_in_features, channels, fpn_out_channels, fpn_fuse_type, top_block
+        )

@@ -17,11 +17,42 @@ from detseg.data.images import IMAGE_SUFFIXES, image_size, read_image, read_labe
 from detseg.data.preprocess import Preprocess
 from detseg.errors import InputFileError
 
-CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
-                  "Car", "Pedestrian", "Bicyclist")
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
+CAMVID_CLASSES = (
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+)
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 @dataclass(frozen=True)
@@ -98,15 +129,23 @@ class SegmentationFolder(Dataset):
         transform: albumentations-style ``transform(image=, mask=) -> dict`` (train augmentation).
     """
 
-    def __init__(self, root: str | Path, split: str, num_classes: int | None = None,
-                 ignore_index: int | None = None, preprocess: Preprocess | None = None,
-                 transform: Callable[..., dict] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        num_classes: int | None = None,
+        ignore_index: int | None = None,
+        preprocess: Preprocess | None = None,
+        transform: Callable[..., dict] | None = None,
+    ) -> None:
         layout = find_layout(root, split)
         self.pairs = pair_files(layout)
         self.class_names = layout.class_names
         self.num_classes = num_classes or len(layout.class_names)
         if not self.num_classes:
-            raise InputFileError(f"{root}: pass --num-classes; the dataset does not name its classes.")
+            raise InputFileError(
+                f"{root}: pass --num-classes; the dataset does not name its classes."
+            )
         self.ignore_index = layout.ignore_index if ignore_index is None else ignore_index
         self.preprocess = preprocess or Preprocess()
         self.transform = transform

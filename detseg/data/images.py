@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from detseg.errors import InputFileError
+from detseg.errors import ImageTooLargeError, InputFileError
 from detseg.fileio import atomic_output
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 250_000_000  # ~ 16k x 16k; DETSEG_MAX_PIXELS overrides
+RAISE_CAP = "raise DETSEG_MAX_PIXELS if the file is trusted"
 
 
 def max_pixels() -> int:
@@ -29,20 +32,32 @@ def _open_checked(path: str | Path) -> Image.Image:
         raise InputFileError(f"{path}: is not a file.")
     if path.stat().st_size == 0:
         raise InputFileError(f"{path}: the file is empty (0 bytes).")
+    return _open_source(path, str(path))
+
+
+def _open_source(
+    source: str | Path | BinaryIO,
+    name: str,
+    limit: int | None = None,
+    advice: str = RAISE_CAP,
+) -> Image.Image:
+    """Open (header only) with our pixel cap (``limit``, default ``max_pixels()``)."""
+    limit = max_pixels() if limit is None else limit
     Image.MAX_IMAGE_PIXELS = None  # our own cap below, checked before any decoding
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(path)
+            img = Image.open(source)
     except (UnidentifiedImageError, OSError) as exc:
-        raise InputFileError(f"{path}: not a readable image ({exc}).") from exc
+        reason = exc if isinstance(source, (str, Path)) else "no known image format"
+        raise InputFileError(f"{name}: not a readable image ({reason}).") from exc
     w, h = img.size
     if w == 0 or h == 0:
-        raise InputFileError(f"{path}: the image has zero size ({w}x{h}).")
-    if w * h > max_pixels():
-        raise InputFileError(
-            f"{path}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels():,} "
-            "(possible decompression bomb); raise DETSEG_MAX_PIXELS if the file is trusted."
+        raise InputFileError(f"{name}: the image has zero size ({w}x{h}).")
+    if w * h > limit:
+        raise ImageTooLargeError(
+            f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {limit:,} "
+            f"(possible decompression bomb); {advice}."
         )
     return img
 
@@ -64,7 +79,26 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 def read_image(path: str | Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB. Raises ``InputFileError`` for missing, empty, corrupt or huge files."""
-    img = _open_checked(path)
+    return _to_rgb(_open_checked(path), path)
+
+
+def decode_image(
+    data: bytes, name: str = "image", limit: int | None = None, advice: str = RAISE_CAP
+) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) -> (H, W, 3) uint8 RGB.
+
+    ``limit``: the pixel cap (default ``max_pixels()``), checked from the header before decoding;
+    ``advice``: what the error above it tells the user to do.
+
+    Raises:
+        InputFileError: empty, not an image, truncated; ``ImageTooLargeError`` above ``limit``.
+    """
+    if not data:
+        raise InputFileError(f"{name}: empty (0 bytes).")
+    return _to_rgb(_open_source(io.BytesIO(data), name, limit, advice), name)
+
+
+def _to_rgb(img: Image.Image, path: str | Path) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I", "F"):
         arr = _decode(img, path, None).astype(np.float64)
         arr = np.clip(arr / max(float(arr.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)

@@ -24,14 +24,24 @@ class SeededCompose:
         return self.compose(**data)
 
 
-def semantic_train_transform(crop: tuple[int, int], ignore_index: int, scale: float = 0.25,
-                             hflip: bool = True, color: bool = True) -> SeededCompose:
+def semantic_train_transform(
+    crop: tuple[int, int],
+    ignore_index: int,
+    scale: float = 0.25,
+    hflip: bool = True,
+    color: bool = True,
+) -> SeededCompose:
     """Random scale (±``scale``), pad with ignore, random crop (h, w), flip, light colour jitter."""
     h, w = crop
     steps: list[Any] = [
         A.RandomScale(scale_limit=(-scale, scale), interpolation=cv2.INTER_LINEAR, p=1.0),
-        A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0,
-                      fill_mask=ignore_index),
+        A.PadIfNeeded(
+            min_height=h,
+            min_width=w,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=ignore_index,
+        ),
         A.RandomCrop(height=h, width=w),
     ]
     if hflip:

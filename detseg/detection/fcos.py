@@ -485,6 +485,7 @@ class MobileNetV2Body(nn.Module):
 
     taps = (6, 13, 17)
     channels = (32, 96, 320)
+    names = ("c3", "c4", "c5")
 
     def __init__(self) -> None:
         super().__init__()
@@ -495,7 +496,7 @@ class MobileNetV2Body(nn.Module):
         for i, block in enumerate(self.features):
             x = block(x)
             if i in self.taps:
-                out[f"c{self.taps.index(i) + 3}"] = x
+                out[self.names[self.taps.index(i)]] = x
         return out
 
 

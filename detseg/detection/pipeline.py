@@ -453,14 +453,18 @@ def train_detection(
 def _recipe(loaded: LoadedModel) -> tuple[Any, Any, bool]:
     """(loss_fn, evaluate_fn factory, needs masks) of a trainable dense detector."""
     from detseg.instance.polarmask import PolarMask
+    from detseg.instance.tensormask import TensorMask
 
-    if isinstance(loaded.model, PolarMask):
+    if isinstance(loaded.model, PolarMask | TensorMask):
         from detseg.instance.polarmask_training import polarmask_evaluate_fn, polarmask_loss
+        from detseg.instance.tensormask_training import tensormask_loss
 
-        return polarmask_loss, polarmask_evaluate_fn, True
+        loss = polarmask_loss if isinstance(loaded.model, PolarMask) else tensormask_loss
+        return loss, polarmask_evaluate_fn, True
     if loaded.task != "detection" or not hasattr(loaded.model, "compute_loss"):
         raise DetsegError(
-            f"model {loaded.name!r} cannot be trained here yet; train FCOS or PolarMask models."
+            f"model {loaded.name!r} cannot be trained here yet; "
+            "train FCOS, PolarMask or TensorMask models."
         )
     return fcos_loss, fcos_evaluate_fn, False
 

@@ -14,6 +14,7 @@ from detseg.engine.progress import count_progress
 from detseg.errors import DetsegError
 from detseg.instance.polarmask import PolarMask
 from detseg.instance.polarmask_infer import OFFICIAL_INPUT_SIZE, draw_instances, predict_image
+from detseg.instance.tensormask import TensorMask, d2_test_size
 from detseg.ops.masks import mask_to_rle
 from detseg.results import Instances
 
@@ -29,13 +30,24 @@ def _above(inst: Instances, threshold: float) -> Instances:
     )
 
 
+def _official_size(model: LoadedModel, image: np.ndarray) -> tuple[int, int] | None:
+    """The (h, w) input size released weights were tested at, or None (longest side max_size)."""
+    if not model.official:
+        return None
+    if isinstance(model.model, PolarMask):  # the official fixed test-time stretch
+        return OFFICIAL_INPUT_SIZE
+    if isinstance(model.model, TensorMask):  # detectron2: short side 800, long side <= 1333
+        return d2_test_size(*image.shape[:2])
+    return None
+
+
 def _segment(model: LoadedModel, image: np.ndarray, max_size: int) -> Instances:
     """Instances of one (H, W, 3) uint8 RGB image at its own size, for any instance model."""
     net = model.model
     if hasattr(net, "postprocess"):  # dense single-shot models (PolarMask, TensorMask)
-        # released PolarMask weights expect the official fixed test-time stretch
-        size = OFFICIAL_INPUT_SIZE if model.official and isinstance(net, PolarMask) else None
-        return predict_image(net, image, model.preprocess, input_size=size, max_size=max_size)
+        return predict_image(
+            net, image, model.preprocess, input_size=_official_size(model, image), max_size=max_size
+        )
     # two-stage detectron2-style models resize internally and return Instances themselves
     with torch.inference_mode():
         return net.predict(model.preprocess(image).to(model.device), image.shape[:2])
@@ -93,7 +105,7 @@ def evaluate_instance(
     results_json: str | Path | None = None,
     **_: Any,
 ) -> dict[str, Any]:
-    """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of a PolarMask model on a split."""
+    """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of a PolarMask / TensorMask model."""
     from detseg.detection.pipeline import _subset, load_split
     from detseg.instance.polarmask_training import polarmask_dataset, polarmask_evaluate_fn
 
@@ -101,9 +113,10 @@ def evaluate_instance(
         raise DetsegError(
             "to score a results file use `detseg coco-eval GT RESULTS --iou-type segm`."
         )
-    if not isinstance(model.model, PolarMask):
+    if not isinstance(model.model, PolarMask | TensorMask):
         raise DetsegError(
-            f"`detseg eval --task instance` scores PolarMask models, not {model.name!r}."
+            f"`detseg eval --task instance` scores PolarMask and TensorMask models, "
+            f"not {model.name!r}."
         )
     dataset = _subset(load_split(data, split, class_name), limit)
     items = polarmask_dataset(dataset, train=False, max_size=max_size, preprocess=model.preprocess)

@@ -57,11 +57,13 @@ def _sample(
     u: torch.Tensor,
     y: torch.Tensor,
     xo: torch.Tensor,
+    origin: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """Evaluate the op at output elements given by broadcastable int64 index tensors.
 
     Args:
-        x: (N, Vin², H, W) aligned input.
+        x: (N, Vin², H, W) aligned input, or a crop of it whose top-left input pixel is
+            ``origin`` (y0, x0) of the full map (see :func:`swap_align2nat_windows`).
         n, v, u, y, xo: output batch index, mask row, mask column, output row, output column;
             any shapes that broadcast together.
 
@@ -73,8 +75,8 @@ def _sample(
     vout = lambda_val * vin
     half = vout / 2.0 - 0.5
     f32 = torch.float32
-    oy = (lambda_val * y + v).to(f32) - half
-    ox = (lambda_val * xo + u).to(f32) - half
+    oy = (lambda_val * y + v - origin[0]).to(f32) - half
+    ox = (lambda_val * xo + u - origin[1]).to(f32) - half
     ov = (v.to(f32) + 0.5) / lambda_val - 0.5
     ou = (u.to(f32) + 0.5) / lambda_val - 0.5
     shifted = x - pad_val
@@ -119,6 +121,22 @@ def swap_align2nat(x: torch.Tensor, lambda_val: int, pad_val: float = DEFAULT_PA
     return out.reshape(batch, vout * vout, hout, wout)
 
 
+def input_span(
+    lambda_val: int, vin: int, out_index: int, first: int, last: int, size: int
+) -> tuple[int, int]:
+    """Input rows [lo, hi) (clipped to [0, size)) that natural rows ``first..last-1`` of the
+    window at output row ``out_index`` read; the same formula gives columns.
+
+    A crop of the aligned map over this span (and the matching column span) holds every
+    in-range tap of those rows, so :func:`swap_align2nat_windows` on the crop with
+    ``origin=(lo, ...)`` gives exactly the dense op's values.
+    """
+    half = lambda_val * vin / 2.0 - 0.5
+    lo = math.floor(lambda_val * out_index + first - half)
+    hi = math.floor(lambda_val * out_index + last - 1 - half) + 2
+    return max(lo, 0), min(hi, size)
+
+
 def swap_align2nat_windows(
     x: torch.Tensor,
     lambda_val: int,
@@ -126,32 +144,40 @@ def swap_align2nat_windows(
     rows: torch.Tensor,
     cols: torch.Tensor,
     pad_val: float = DEFAULT_PAD,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    v_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """SwapAlign2Nat evaluated only at selected output locations (inference, training positives).
 
     Args:
-        x: (N, V², H, W) aligned representation.
+        x: (N, V², H, W) aligned representation, or a crop of it starting at input pixel
+            ``origin`` (y0, x0); a tap outside ``x`` reads ``pad_val``, which is exact when the
+            crop covers the :func:`input_span` of every requested window.
         batch_index, rows, cols: (K,) int64, the output locations (n, y, x) with
-            y < ceil(H/λ), x < ceil(W/λ).
+            y < ceil(H_full/λ), x < ceil(W_full/λ), in full-map output coordinates.
+        v_rows: (start, stop) natural mask rows to evaluate (default all λV).
 
     Returns:
-        (K, λV, λV) natural masks (row v, column u); equal to
-        ``swap_align2nat(x, λ, pad)[n, :, y, x].view(λV, λV)`` at each location.
+        (K, stop − start, λV) natural masks (row v, column u); equal to
+        ``swap_align2nat(x_full, λ, pad)[n, :, y, x].view(λV, λV)[start:stop]`` at each location.
     """
     vout = lambda_val * _check(x, lambda_val)
+    start, stop = v_rows or (0, vout)
     if batch_index.numel() == 0:
-        return x.new_empty(0, vout, vout)
+        return x.new_empty(0, stop - start, vout)
     grid = torch.arange(vout, device=x.device)
     return _sample(
         x,
         lambda_val,
         pad_val,
         batch_index.view(-1, 1, 1),
-        grid.view(1, -1, 1),
+        grid[start:stop].view(1, -1, 1),
         grid.view(1, 1, -1),
         rows.view(-1, 1, 1),
         cols.view(-1, 1, 1),
-    ).expand(batch_index.numel(), vout, vout)
+        origin,
+    ).expand(batch_index.numel(), stop - start, vout)
 
 
 class SwapAlign2Nat(nn.Module):

@@ -27,9 +27,15 @@ class DeepLabV3Plus(nn.Module):
     ``forward``: (N, 3, H, W) float -> (N, C, H, W) logits.
     """
 
-    def __init__(self, num_classes: int = 21, backbone: str = "resnet50", output_stride: int = 16,
-                 aspp_channels: int = 256, low_level_channels: int = 48,
-                 frozen_bn: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int = 21,
+        backbone: str = "resnet50",
+        output_stride: int = 16,
+        aspp_channels: int = 256,
+        low_level_channels: int = 48,
+        frozen_bn: bool = False,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.backbone = build_backbone(backbone, output_stride=output_stride, frozen_bn=frozen_bn)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from detseg.api import load_model, predict
 from detseg.ops.masks import rle_to_mask
+from detseg.registry import get_entry
 
 
 def test_predict_instances_writes_drawing_and_rles(tmp_path):
@@ -45,15 +47,24 @@ def test_predict_with_a_two_stage_model(tmp_path):
     assert records[0]["width"] == 80 and (tmp_path / "out" / "img_inst.jpg").is_file()
 
 
-def test_train_instance_through_the_cli(shared, tmp_path):
+LIGHT = {
+    "polarmask_r50": ["backbone=mobilenet_v2"],
+    "tensormask_r50": ["backbone=mobilenet_v2", "fpn_channels=32", "num_convs=1",
+                       "cls_channels=16", "bbox_channels=16", "mask_channels=16"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT))
+def test_train_instance_through_the_cli(shared, tmp_path, name):
     from typer.testing import CliRunner
 
     from detseg.cli import app
     from tests.conftest import need
 
     data = need(shared / "data" / "coco128")
-    args = ["train", "--task", "instance", "--model", "polarmask_r50", "--model-arg",
-            "backbone=mobilenet_v2", "--data", str(data), "--steps", "1", "--batch-size", "1",
+    model_args = [a for kv in LIGHT[name] for a in ("--model-arg", kv)]
+    args = ["train", "--task", "instance", "--model", name, *model_args,
+            "--data", str(data), "--steps", "1", "--batch-size", "1",
             "--max-size", "64", "--eval-every", "0", "--val-limit", "1", "--out",
             str(tmp_path / "run"), "--json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
@@ -61,14 +72,17 @@ def test_train_instance_through_the_cli(shared, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["steps"] == 1 and "AP" in summary["last_eval"]
     loaded = load_model(weights=tmp_path / "run" / "last.safetensors")
-    assert loaded.name == "polarmask_r50" and loaded.task == "instance"
+    assert loaded.name == get_entry(name).name and loaded.task == "instance"
 
 
-def test_eval_instance_reports_mask_ap(shared):
+@pytest.mark.parametrize("name", sorted(LIGHT))
+def test_eval_instance_reports_mask_ap(shared, name):
     from detseg.api import evaluate
 
     data = shared / "data" / "coco128"
-    model = load_model("polarmask_r50", device="cpu", backbone="mobilenet_v2")
+    kwargs = dict(kv.split("=") for kv in LIGHT[name])
+    kwargs = {k: v if k == "backbone" else int(v) for k, v in kwargs.items()}
+    model = load_model(name, device="cpu", **kwargs)
     metrics = evaluate("instance", data=data, split="val", model=model, limit=2, max_size=64)
     assert metrics["images"] == 2 and 0.0 <= metrics["AP"] <= 1.0 and "box_AP50" in metrics
 
@@ -96,3 +110,22 @@ def test_predict_on_an_official_polarmask_checkpoint(tmp_path):
     record = json.loads(result.stdout)["images"][0]
     assert (record["width"], record["height"]) == (90, 60)
     assert (tmp_path / "out" / "img_inst.jpg").is_file()
+
+
+def test_predict_tensormask_draws_masks_and_rles(tmp_path):
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (70, 90, 3), np.uint8)).save(
+        tmp_path / "img.png"
+    )
+    kwargs = dict(kv.split("=") for kv in LIGHT["tensormask_r50"])
+    kwargs = {k: v if k == "backbone" else int(v) for k, v in kwargs.items()}
+    model = load_model("tensormask_r50", device="cpu", num_classes=2, score_thresh=0.0, **kwargs)
+    records = predict(
+        model, tmp_path / "img.png", tmp_path / "out", score_threshold=0.0, max_size=96,
+        progress=False,
+    )  # fmt: skip
+    assert (tmp_path / "out" / "img_inst.jpg").is_file()
+    dets = records[0]["detections"]
+    assert 0 < len(dets) <= 100
+    for det in dets:
+        mask = rle_to_mask(det["mask"])
+        assert mask.shape == (70, 90) and int(mask.sum()) == det["area"]

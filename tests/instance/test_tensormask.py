@@ -10,29 +10,36 @@ import numpy as np
 import pytest
 import torch
 
+from detseg.backbones.d2 import ResNetFPN
 from detseg.errors import CheckpointError
 from detseg.instance.tensormask import (
     D2_PREPROCESS,
-    RetinaNetResNetFPN,
     TensorMask,
     TensorMaskHead,
-    assign_windows,
     convert_detectron2,
     d2_test_size,
-    decode_boxes,
-    detection_masks,
-    encode_boxes,
-    focal_loss_star,
-    grid_windows,
-    level_windows,
-    mask_loss,
+    split_head_outputs,
+)
+from detseg.instance.tensormask_infer import (
+    dense_detection_masks,
     paste_masks,
     postprocess,
     select_detections,
-    split_head_outputs,
+    sparse_detection_masks,
+)
+from detseg.instance.tensormask_targets import (
+    assign_windows,
+    focal_loss_star,
+    mask_loss,
     tensormask_losses,
     window_bitmask_targets,
     window_mask_targets,
+)
+from detseg.instance.tensormask_windows import (
+    decode_boxes,
+    encode_boxes,
+    grid_windows,
+    level_windows,
 )
 from detseg.ops.swap_align2nat import swap_align2nat
 from detseg.registry import get_entry
@@ -98,12 +105,14 @@ def _features() -> list[torch.Tensor]:
     return [torch.randn(2, 4, 8 // 2**k, 12 // 2**k) for k in range(3)]
 
 
-def test_natural_masks_dense_equals_sparse() -> None:
+@pytest.mark.parametrize("max_elements", [1 << 22, 40])
+def test_natural_masks_dense_equals_sparse(max_elements: int) -> None:
     head = _small_head()
     feats = _features()
     with torch.no_grad():
         logits, deltas, natural = split_head_outputs(head(*feats), 3)
-        aligned = head.aligned_masks(feats)
+        towers = head.mask_towers(feats)
+        aligned = head.aligned_masks(towers)
     assert [tuple(x.shape) for x in logits] == [(2, 6, 8, 12), (2, 6, 4, 6), (2, 6, 2, 3)]
     assert [tuple(m.shape) for m in natural[2]] == [(2, 144, 2, 3), (2, 400, 2, 3)]
     for k in range(3):
@@ -120,16 +129,21 @@ def test_natural_masks_dense_equals_sparse() -> None:
                 "row": rows,
                 "col": cols,
             }
-            sparse = detection_masks(aligned, dets, 1, bipyramid_on=True)
+            with torch.no_grad():
+                image = [t[1:2] for t in towers]
+                sparse = sparse_detection_masks(head, image, dets, max_elements)
             want = dense[1].permute(1, 2, 0).reshape(-1, side, side).sigmoid()
             assert torch.allclose(torch.stack(sparse), want, atol=1e-6)
+            picked = dense_detection_masks(natural, dets, 1)
+            assert torch.allclose(torch.stack(picked), want, atol=1e-6)
 
 
 def test_bipyramid_p2_fuses_with_itself() -> None:
     head = _small_head()
     feats = _features()
     with torch.no_grad():
-        fused = head.mask_features(feats)
+        towers = head.mask_towers(feats)
+        fused = [head.fused_mask_features(towers, k) for k in range(3)]
         f0 = head.mask_subnet(feats[0])
         assert torch.allclose(fused[0], head.mask_fuse(2 * f0))
         assert all(f.shape[-2:] == (8, 12) for f in fused)
@@ -210,6 +224,25 @@ def test_paste_masks_hand_worked() -> None:
     low = paste_masks(mask * 0.7, torch.tensor([[0.0, 0.0, 8.0, 8.0]]), 8, 8)[0]
     assert low[3, 3] and not low[7, 7]  # 0.7 inside; 0.7 x 0.5625 < 0.5 at the corner
     assert paste_masks(torch.zeros(0, 4, 4), torch.zeros(0, 4), 3, 3).shape == (0, 3, 3)
+
+
+def test_paste_over_the_box_equals_sampling_the_whole_image() -> None:
+    gen = torch.Generator().manual_seed(0)
+    height, width = 30, 41
+    boxes = torch.tensor(
+        [[3.2, 4.7, 17.9, 19.4], [-20.0, -9.5, 12.25, 22.75], [25.0, 10.0, 90.0, 75.0]]
+    )
+    masks = [torch.rand(s, s, generator=gen) for s in (5, 9, 13)]
+    masks[1][:, 0] = 1.0  # a full-on border: the pixels just outside the box must stay off
+    got = paste_masks(masks, boxes, height, width)
+    ys = torch.arange(height) + 0.5
+    xs = torch.arange(width) + 0.5
+    for mask, box, pasted in zip(masks, boxes, got, strict=True):
+        gx = (xs - box[0]) / (box[2] - box[0]) * 2 - 1
+        gy = (ys - box[1]) / (box[3] - box[1]) * 2 - 1
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=2)[None]
+        want = torch.nn.functional.grid_sample(mask[None, None], grid, align_corners=False)
+        assert torch.equal(pasted, want[0, 0] >= 0.5)
 
 
 def test_postprocess_scales_clips_and_pastes_into_window() -> None:
@@ -353,7 +386,7 @@ def test_losses_backpropagate_to_the_head() -> None:
     head.train()
     feats = _features()
     out = split_head_outputs(head(*feats), 3)
-    aligned = head.aligned_masks(feats)
+    aligned = head.aligned_masks(head.mask_towers(feats))
     target = {
         "boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]),
         "labels": torch.tensor([1]),
@@ -438,8 +471,8 @@ def test_model_runs_end_to_end() -> None:
     images = torch.randn(1, 3, 64, 96) * 50
     with torch.no_grad():
         outputs = model(images)
-    assert len(outputs) == 24
-    assert tuple(outputs[12].shape) == (1, 121, 16, 24)  # aligned, P2 grid
+    assert len(outputs) == 18
+    assert tuple(outputs[12].shape) == (1, 128, 16, 24)  # P2 mask tower
     (result,) = model.postprocess(outputs, [(60, 90)], [(120, 180)])
     assert 0 < len(result.scores) <= 100
     assert result.masks.shape == (len(result.scores), 120, 180) and result.masks.dtype == torch.bool
@@ -456,7 +489,7 @@ def test_model_runs_end_to_end() -> None:
 
 
 def test_retinanet_fpn_average_fusion_and_p6_p7_from_c5() -> None:
-    fpn = RetinaNetResNetFPN().eval()
+    fpn = ResNetFPN(fpn_fuse_type="avg", top_block="LastLevelP6P7").eval()
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         p2, p3, p4, p5, p6, p7 = fpn(image)
@@ -474,14 +507,26 @@ def test_retinanet_fpn_average_fusion_and_p6_p7_from_c5() -> None:
     assert [tuple(p.shape[-2:]) for p in (p2, p6, p7)] == [(16, 16), (1, 1), (1, 1)]
 
 
-@pytest.mark.slow
-def test_onnx_export_matches_raw_head_outputs(tmp_path: Path) -> None:
+def _onnx_max_diff(model: TensorMask, path: Path) -> float:
     pytest.importorskip("onnxruntime")
     from detseg.engine.export import export_single_input
 
-    result = export_single_input(TensorMask(), tmp_path / "tensormask.onnx", 64, 96)
-    assert len(result["outputs"]) == 24
-    assert max(result["max_abs_diff"].values()) <= 1e-4
+    result = export_single_input(model, path, 64, 96)
+    assert len(result["outputs"]) == 18
+    return max(result["max_abs_diff"].values())
+
+
+def test_onnx_export_of_the_light_model_matches_raw_head_outputs(tmp_path: Path) -> None:
+    from detseg.instance.tensormask_training import LIGHT_KWARGS
+
+    torch.manual_seed(0)
+    assert _onnx_max_diff(TensorMask(num_classes=2, **LIGHT_KWARGS), tmp_path / "tm.onnx") <= 1e-4
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_raw_head_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    assert _onnx_max_diff(TensorMask(), tmp_path / "tensormask.onnx") <= 1e-4
 
 
 def test_window_bitmask_targets_hand_worked() -> None:
