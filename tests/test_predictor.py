@@ -67,3 +67,12 @@ def test_bad_inputs_are_clear_errors() -> None:
         predictor(np.zeros((4, 4), np.float32))
     with pytest.raises(DetsegError, match="slicing"):
         Predictor(load_model("unet", device="cpu", num_classes=2, base_channels=8), slice=64)
+
+
+def test_with_options_replaces_only_the_given_options() -> None:
+    loaded = load_model("fcos_mnv2_fpn", device="cpu", num_classes=2, score_thresh=0.0)
+    base = Predictor(loaded, score_threshold=0.0, max_size=128)
+    strict = base.with_options(score_threshold=1.0)
+    assert strict.loaded is loaded and strict.options == {**base.options, "score_threshold": 1.0}
+    image = _image()
+    assert len(base(image).detections.scores) > 0 and len(strict(image).detections.scores) == 0

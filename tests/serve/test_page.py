@@ -56,6 +56,7 @@ def page(predictors):
             ],
         )
         page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.set_default_timeout(120_000)  # a loaded CI machine: slow, not broken
         page.goto(url)
         page.wait_for_selector("#model option", state="attached")
         yield page
