@@ -76,9 +76,9 @@ class Prediction:
         """The picture of the result over (H, W, 3) uint8 RGB ``image``: (H, W, 3) uint8, or for
         matting the (H, W, 4) uint8 RGBA cut-out."""
         if self.labels is not None:
-            from detseg.semantic.visualize import overlay, palette
+            from detseg.semantic.visualize import overlay, palette_for
 
-            colours = palette(256, camvid=len(self.class_names) == 11)
+            colours = palette_for(self.class_names)
             return overlay(image, self.labels, colours)
         if isinstance(self.detections, Instances):
             from detseg.instance.polarmask_infer import draw_instances

@@ -23,7 +23,7 @@ from detseg.errors import DetsegError, InputFileError
 from detseg.semantic.losses import SegmentationLoss, enet_class_weights, semantic_loss
 from detseg.semantic.metrics import ConfusionMatrix
 from detseg.semantic.sliding import predict_semantic
-from detseg.semantic.visualize import overlay, palette
+from detseg.semantic.visualize import overlay, palette_for
 
 if TYPE_CHECKING:
     from detseg.api import LoadedModel
@@ -172,7 +172,7 @@ def predict_files(
 ) -> list[dict[str, Any]]:
     """Segment every image of ``source``; write ``<stem>_label.png`` and ``<stem>_overlay.png``."""
     paths = list_images(source)
-    colours = palette(256, camvid=len(model.class_names) == 11)
+    colours = palette_for(model.class_names)
     records = []
     with (
         count_progress(len(paths), "predict", enabled=progress) as advance,

