@@ -17,6 +17,7 @@ A ``Prediction`` holds the task's result in numpy/torch form, its JSON summary (
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +144,10 @@ class Predictor:
 
     Args:
         loaded: a ``detseg.api.LoadedModel``.
+        exact: run the float32 reference path; by default the fast inference path
+            (``detseg.engine.fast``: folded BatchNorm, measured memory layout) runs, whose outputs
+            stay within 1e-4 of it.
+        precision: fast-path precision, ``"f32"``, ``"bf16"`` or ``"fp16"`` (CUDA).
         score_threshold: detection/instance: keep detections at or above it.
         sliding, crop, stride, batch_size: semantic sliding-window inference (``batch_size`` is
             also the slice batch of sliced detection).
@@ -156,6 +161,19 @@ class Predictor:
         self,
         loaded: LoadedModel,
         *,
+        exact: bool = False,
+        precision: str = "f32",
+        **options: Any,
+    ) -> None:
+        from detseg.engine.fast import for_inference
+
+        self.exact, self.precision = exact, precision
+        self.loaded = for_inference(loaded, exact, precision)
+        self.task = loaded.task
+        self._configure(**options)
+
+    def _configure(
+        self,
         score_threshold: float = 0.3,
         sliding: bool = False,
         crop: int = 512,
@@ -169,8 +187,6 @@ class Predictor:
         max_size: int | None = None,
         strategy: str = "hybrid",
     ) -> None:
-        self.loaded = loaded
-        self.task = loaded.task
         self.options: dict[str, Any] = dict(
             score_threshold=score_threshold,
             sliding=sliding,
@@ -195,14 +211,17 @@ class Predictor:
         if self.task == "detection":
             from detseg.detection.pipeline import detector_fn, slice_config
 
-            self._detect = detector_fn(loaded, max_size)
+            self._detect = detector_fn(self.loaded, max_size)
             self._slice_cfg = slice_config(slice, overlap, merge, match, full_image, batch_size)  # type: ignore[arg-type]
         elif slice is not None:
             raise DetsegError(f"slicing is not available for {self.task} models here.")
 
     def with_options(self, **options: Any) -> Predictor:
-        """A predictor of the same model with ``options`` replacing some of this one's."""
-        return Predictor(self.loaded, **{**self.options, **options})
+        """A predictor of the same (already prepared) model with ``options`` replacing some of
+        this one's."""
+        clone = copy.copy(self)
+        clone._configure(**{**self.options, **options})
+        return clone
 
     @property
     def needs_plate(self) -> bool:

@@ -55,7 +55,17 @@ def test_semantic_labels_equal_the_file_pipeline() -> None:
     loaded = load_model("unet", device="cpu", num_classes=3, base_channels=8)
     image = _image()
     expected = segment(loaded.model, image, loaded.preprocess)
-    assert np.array_equal(Predictor(loaded)(image).labels, expected)
+    assert np.array_equal(Predictor(loaded, exact=True)(image).labels, expected)
+
+
+def test_fast_path_by_default_within_tolerance_of_the_exact_path() -> None:
+    loaded = load_model("bgmv2_base_mobilenetv2", device="cpu")
+    image, plate = _image(), _image(64, 80)[::-1].copy()
+    fast, exact = Predictor(loaded), Predictor(loaded, exact=True)
+    assert fast.loaded.model is not loaded.model and exact.loaded.model is loaded.model
+    np.testing.assert_allclose(fast(image, plate).alpha, exact(image, plate).alpha, atol=1e-4)
+    with pytest.raises(DetsegError, match="--exact"):
+        Predictor(loaded, exact=True, precision="bf16")
 
 
 def test_bad_inputs_are_clear_errors() -> None:
@@ -73,6 +83,9 @@ def test_with_options_replaces_only_the_given_options() -> None:
     loaded = load_model("fcos_mnv2_fpn", device="cpu", num_classes=2, score_thresh=0.0)
     base = Predictor(loaded, score_threshold=0.0, max_size=128)
     strict = base.with_options(score_threshold=1.0)
-    assert strict.loaded is loaded and strict.options == {**base.options, "score_threshold": 1.0}
+    assert strict.loaded is base.loaded and strict.options == {
+        **base.options,
+        "score_threshold": 1.0,
+    }
     image = _image()
     assert len(base(image).detections.scores) > 0 and len(strict(image).detections.scores) == 0
