@@ -4,7 +4,8 @@ Module names follow detectron2's ``build_resnet_fpn_backbone``: ``bottom_up.stem
 FrozenBN as ``conv1.norm``), ``bottom_up.res{2..5}.{i}.conv{1,2,3}`` and ``.shortcut``,
 ``fpn_lateral{2..5}`` and ``fpn_output{2..5}``. The layout is MSRA's (stride in the first 1x1 when
 ``stride_in_1x1``), FrozenBN with eps 1e-5, FPN with sum fusion, nearest x2 top-down and
-P6 = max_pool(P5, kernel 1, stride 2).
+P6 = max_pool(P5, kernel 1, stride 2). ``TrunkFPN`` puts the same FPN (same key names) on a light
+torchvision trunk (MobileNetV2) for CPU training from scratch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detseg.backbones.trunks import build_backbone
+
 DEPTH_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def c2_xavier_fill(module: nn.Module) -> None:
+    """detectron2 ``c2_xavier_fill``: kaiming-uniform weights (a = 1), zero bias."""
+    nn.init.kaiming_uniform_(module.weight, a=1)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def c2_msra_fill(module: nn.Module) -> None:
+    """detectron2 ``c2_msra_fill``: kaiming-normal weights (fan_out, ReLU), zero bias."""
+    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def normal_fill(module: nn.Module, std: float) -> None:
+    """Normal(0, ``std``) weights and zero bias (detectron2's predictor layers)."""
+    nn.init.normal_(module.weight, std=std)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class FrozenBN(FrozenBatchNorm2d):
@@ -154,22 +178,60 @@ class ResNetFPN(nn.Module):
             res5_dilation,
         )
         self.in_features = list(fpn_in_features)
-        for name in self.in_features:
-            level = int(name[-1])
-            cin = res2_out_channels * 2 ** (level - 2)
-            self.add_module(f"fpn_lateral{level}", nn.Conv2d(cin, fpn_out_channels, 1))
-            self.add_module(
-                f"fpn_output{level}", nn.Conv2d(fpn_out_channels, fpn_out_channels, 3, padding=1)
-            )
+        channels = [res2_out_channels * 2 ** (int(n[-1]) - 2) for n in self.in_features]
+        add_fpn_layers(self, self.in_features, channels, fpn_out_channels)
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        feats = self.bottom_up(image)
-        levels = [int(n[-1]) for n in self.in_features]
-        prev = getattr(self, f"fpn_lateral{levels[-1]}")(feats[self.in_features[-1]])
-        outs = [getattr(self, f"fpn_output{levels[-1]}")(prev)]
-        for name, level in zip(self.in_features[-2::-1], levels[-2::-1], strict=True):
-            lateral = getattr(self, f"fpn_lateral{level}")(feats[name])
-            prev = lateral + F.interpolate(prev, scale_factor=2.0, mode="nearest")
-            outs.insert(0, getattr(self, f"fpn_output{level}")(prev))
-        outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
-        return tuple(outs)
+        return fpn_forward(self, self.bottom_up(image), self.in_features)
+
+
+def add_fpn_layers(
+    module: nn.Module, in_features: Sequence[str], channels: Sequence[int], out_channels: int
+) -> None:
+    """Add ``fpn_lateral{k}`` (1x1) and ``fpn_output{k}`` (3x3) convs, xavier-filled, to ``module``."""
+    for name, cin in zip(in_features, channels, strict=True):
+        level = int(name[-1])
+        lateral = nn.Conv2d(cin, out_channels, 1)
+        output = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        c2_xavier_fill(lateral)
+        c2_xavier_fill(output)
+        module.add_module(f"fpn_lateral{level}", lateral)
+        module.add_module(f"fpn_output{level}", output)
+
+
+def fpn_forward(
+    module: nn.Module, feats: dict[str, Tensor], in_features: Sequence[str]
+) -> tuple[Tensor, ...]:
+    """detectron2 FPN of ``module``'s layers on ``feats`` (``in_features`` finest first): sum
+    fusion, nearest x2 top-down, P6 = max_pool(P5, 1, stride 2). Returns (p2, ..., p6)."""
+    levels = [int(n[-1]) for n in in_features]
+    prev = getattr(module, f"fpn_lateral{levels[-1]}")(feats[in_features[-1]])
+    outs = [getattr(module, f"fpn_output{levels[-1]}")(prev)]
+    for name, level in zip(in_features[-2::-1], levels[-2::-1], strict=True):
+        lateral = getattr(module, f"fpn_lateral{level}")(feats[name])
+        prev = lateral + F.interpolate(prev, scale_factor=2.0, mode="nearest")
+        outs.insert(0, getattr(module, f"fpn_output{level}")(prev))
+    outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+    return tuple(outs)
+
+
+class TrunkFPN(nn.Module):
+    """The detectron2 FPN (same ``fpn_lateral{2..5}`` / ``fpn_output{2..5}`` names) on a torchvision
+    trunk from ``detseg.backbones.trunks`` (``bottom_up``, torchvision key names, trainable BN).
+
+    ``forward(image (N, 3, H, W), H, W multiples of 32) -> (p2, p3, p4, p5, p6)`` with
+    ``out_channels`` channels at strides 4..64; the trunk's stride-4..32 taps feed the FPN.
+    """
+
+    def __init__(self, trunk: str = "mobilenet_v2", out_channels: int = 64) -> None:
+        super().__init__()
+        self.bottom_up = build_backbone(trunk)
+        taps = {f"s{2**k}": f"res{k}" for k in range(2, 6)}
+        info = [i for i in self.bottom_up.feature_info if i.name in taps]
+        self.renames = {i.name: taps[i.name] for i in info}
+        self.in_features = [taps[i.name] for i in info]
+        add_fpn_layers(self, self.in_features, [i.channels for i in info], out_channels)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        feats = {self.renames[k]: v for k, v in self.bottom_up(image).items() if k in self.renames}
+        return fpn_forward(self, feats, self.in_features)
