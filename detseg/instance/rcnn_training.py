@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from detseg.data.detection import DetectionDataset
-from detseg.detection.coco_eval import evaluate_detections
+from detseg.detection.coco_eval import detections_to_coco, run_coco_eval
 from detseg.detection.fcos_training import collate_detection
 from detseg.instance.maskrcnn import MaskRCNN
 from detseg.results import Instances
@@ -66,12 +66,16 @@ def rcnn_evaluate_fn(
         loader = DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_detection
         )
-        predictions: list[Instances] = []
+        records, cats = iter(dataset.dataset.images), dataset.dataset.category_ids
+        results: dict[str, list[dict[str, Any]]] = {"segm": [], "bbox": []}
         for batch in loader:
             batch["images"] = batch["images"].to(device)
-            predictions += rcnn_predict(model, batch)
-        segm = evaluate_detections(dataset.dataset, predictions, "segm")
-        bbox = evaluate_detections(dataset.dataset, predictions, "bbox").stats
+            for inst in rcnn_predict(model, batch):  # RLE at once: full-size masks are large
+                image_id = next(records).id
+                for kind, out in results.items():
+                    out += detections_to_coco(image_id, inst, cats, kind)  # type: ignore[arg-type]
+        segm = run_coco_eval(dataset.dataset, results["segm"], "segm")
+        bbox = run_coco_eval(dataset.dataset, results["bbox"], "bbox").stats
         return {
             "AP": segm.stats[0],
             "AP50": segm.stats[1],
