@@ -69,7 +69,7 @@ class CoarseMaskHead(nn.Module):
         x = F.relu(self.reduce_spatial_dim_conv(x)).flatten(1)
         for k in range(self.num_fc):
             x = F.relu(getattr(self, f"fc{k + 1}")(x))
-        return self.prediction(x).view(len(x), *self.out_shape)
+        return self.prediction(x).view(-1, *self.out_shape)
 
 
 class PointHead(nn.Module):
