@@ -1,10 +1,12 @@
 """PointRend subdivision vs dense point-head prediction per instance: time and logits memory.
 
-    PYTHONPATH=. python bench/pointrend.py [--instances 1] [--steps 5 7]   # 224 and 896 px
+    PYTHONPATH=. python bench/pointrend.py [--instances 1] [--sides 224 1024] [--no-dense 1024]
 
 Dense evaluates the point head at every cell of the S x S output; subdivision re-predicts
-784 cells per x2 step from the 28 x 28 start (detectron2's schedule). Memory is the peak
-torch CPU allocation reported by the profiler (random weights; the cost does not depend on them).
+784 cells per x2 step from a regular-grid start. S = 224 is detectron2's schedule (28 x 28 start,
+3 steps); other sides start at the smallest S / 2^k with 4 (S / 2^k)^2 > 784 (detectron2's skip
+rule), e.g. 1024 = 16 x 2^6. Memory is the peak torch CPU allocation reported by the profiler
+for the costliest operator type (random weights; the cost does not depend on them).
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def measure(fn) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=1)
-    parser.add_argument("--steps", type=int, nargs="+", default=[5, 7], help="7 * 2^steps output")
+    parser.add_argument("--sides", type=int, nargs="+", default=[224, 1024])
+    parser.add_argument("--no-dense", type=int, nargs="*", default=[], help="sides: skip dense")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     p2 = torch.randn(1, 256, 64, 96)
     boxes = torch.tensor([[20.0, 30.0, 200.0, 220.0]]).repeat(args.instances, 1)
@@ -55,14 +59,17 @@ def main() -> None:
     print(
         "| output | method | ms / instance | MiB allocated by the costliest op |\n|---|---|---|---|"
     )
-    for steps in args.steps:
-        side = 7 * 2**steps
-        head = PointRendMaskHead(subdivision_steps=steps).eval()
+    head = PointRendMaskHead().eval()
+    for side in args.sides:
+        start, steps = side, 0
+        while start % 2 == 0 and 4 * (start // 2) ** 2 > head.num_points:
+            start, steps = start // 2, steps + 1
+        head.init_resolution, head.steps = start, steps
+        methods = [("subdivision", partial(head.predict, p2, [boxes], classes))]
+        if side not in args.no_dense:
+            methods.append(("dense", partial(dense, head, p2, boxes, side)))
         with torch.no_grad():
-            for name, fn in (
-                ("subdivision", partial(head.predict, p2, [boxes], classes)),
-                ("dense", partial(dense, head, p2, boxes, side)),
-            ):
+            for name, fn in methods:
                 sec, mib = measure(fn)
                 print(f"| {side} | {name} | {1000 * sec / args.instances:.1f} | {mib:.1f} |")
 

@@ -352,8 +352,13 @@ def export(
 
         return bgmv2_export(model, path, weights=weights, height=height, width=width, check=check)
     from detseg.engine.export import export_single_input
+    from detseg.instance.maskrcnn import MaskRCNN
 
     loaded = load_model(model, weights, device="cpu")
+    if isinstance(loaded.model, MaskRCNN):  # two graphs: dense stage and RoI heads
+        from detseg.instance.rcnn_export import export_rcnn
+
+        return export_rcnn(loaded.model, path, height=height, width=width, check=check)
     return export_single_input(loaded.model, path, height=height, width=width, check=check)
 
 

@@ -3,8 +3,10 @@
 Module names follow detectron2's ``build_resnet_fpn_backbone``: ``bottom_up.stem.conv1`` (with its
 FrozenBN as ``conv1.norm``), ``bottom_up.res{2..5}.{i}.conv{1,2,3}`` and ``.shortcut``,
 ``fpn_lateral{2..5}`` and ``fpn_output{2..5}``. The layout is MSRA's (stride in the first 1x1 when
-``stride_in_1x1``), FrozenBN with eps 1e-5, FPN with sum (or RetinaNet's average) fusion, nearest x2 top-down and
-P6 = max_pool(P5, kernel 1, stride 2) (or RetinaNet's P6/P7 from C5).
+``stride_in_1x1``), FrozenBN with eps 1e-5, FPN with sum (or RetinaNet's average) fusion, nearest
+x2 top-down and P6 = max_pool(P5, kernel 1, stride 2) (or RetinaNet's P6/P7 from C5). ``TrunkFPN``
+puts the same FPN (same key names) on a light torchvision trunk (MobileNetV2) for CPU training
+from scratch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detseg.backbones.trunks import build_backbone
+
 DEPTH_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def c2_xavier_fill(module: nn.Module) -> None:
+    """detectron2 ``c2_xavier_fill``: kaiming-uniform weights (a = 1), zero bias."""
+    nn.init.kaiming_uniform_(module.weight, a=1)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def c2_msra_fill(module: nn.Module) -> None:
+    """detectron2 ``c2_msra_fill``: kaiming-normal weights (fan_out, ReLU), zero bias."""
+    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def normal_fill(module: nn.Module, std: float) -> None:
+    """Normal(0, ``std``) weights and zero bias (detectron2's predictor layers)."""
+    nn.init.normal_(module.weight, std=std)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class FrozenBN(FrozenBatchNorm2d):
@@ -163,15 +188,20 @@ class FPN(nn.Module):
         self.fuse_type = fuse_type
         for name, cin in zip(self.in_features, in_channels, strict=True):
             level = int(name[-1])
-            self.add_module(f"fpn_lateral{level}", nn.Conv2d(cin, out_channels, 1))
-            self.add_module(
-                f"fpn_output{level}", nn.Conv2d(out_channels, out_channels, 3, padding=1)
-            )
+            lateral = nn.Conv2d(cin, out_channels, 1)
+            output = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            c2_xavier_fill(lateral)  # detectron2's FPN initialisation
+            c2_xavier_fill(output)
+            self.add_module(f"fpn_lateral{level}", lateral)
+            self.add_module(f"fpn_output{level}", output)
         if top_block == "LastLevelP6P7":
             self.top_block = LastLevelP6P7(in_channels[-1], out_channels)
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        feats = self.bottom_up(image)
+        return self.fuse(self.bottom_up(image))
+
+    def fuse(self, feats: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """The pyramid from the bottom-up features ``{"res2": ..., ...}`` (finest first)."""
         levels = [int(n[-1]) for n in self.in_features]
         prev = getattr(self, f"fpn_lateral{levels[-1]}")(feats[self.in_features[-1]])
         outs = [getattr(self, f"fpn_output{levels[-1]}")(prev)]
@@ -231,3 +261,25 @@ class ResNetFPN(FPN):
         super().__init__(
             bottom_up, fpn_in_features, channels, fpn_out_channels, fpn_fuse_type, top_block
         )
+
+
+class TrunkFPN(FPN):
+    """The detectron2 FPN (same ``fpn_lateral{2..5}`` / ``fpn_output{2..5}`` names) on a torchvision
+    trunk from ``detseg.backbones.trunks`` (``bottom_up``, torchvision key names, trainable BN).
+
+    ``forward(image (N, 3, H, W), H, W multiples of 32) -> (p2, p3, p4, p5, p6)`` with
+    ``out_channels`` channels at strides 4..64; the trunk's stride-4..32 taps feed the FPN.
+    """
+
+    def __init__(self, trunk: str = "mobilenet_v2", out_channels: int = 64) -> None:
+        bottom_up = build_backbone(trunk)
+        taps = {f"s{2**k}": f"res{k}" for k in range(2, 6)}
+        info = [i for i in bottom_up.feature_info if i.name in taps]
+        super().__init__(
+            bottom_up, [taps[i.name] for i in info], [i.channels for i in info], out_channels
+        )
+        self.renames = {i.name: taps[i.name] for i in info}
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        feats = self.bottom_up(image)
+        return self.fuse({self.renames[k]: v for k, v in feats.items() if k in self.renames})

@@ -452,9 +452,14 @@ def train_detection(
 
 def _recipe(loaded: LoadedModel) -> tuple[Any, Any, bool]:
     """(loss_fn, evaluate_fn factory, needs masks) of a trainable dense detector."""
+    from detseg.instance.maskrcnn import MaskRCNN
     from detseg.instance.polarmask import PolarMask
     from detseg.instance.tensormask import TensorMask
 
+    if isinstance(loaded.model, MaskRCNN):
+        from detseg.instance.rcnn_training import rcnn_evaluate_fn, rcnn_loss
+
+        return rcnn_loss, rcnn_evaluate_fn, True
     if isinstance(loaded.model, PolarMask | TensorMask):
         from detseg.instance.polarmask_training import polarmask_evaluate_fn, polarmask_loss
         from detseg.instance.tensormask_training import tensormask_loss
@@ -463,8 +468,8 @@ def _recipe(loaded: LoadedModel) -> tuple[Any, Any, bool]:
         return loss, polarmask_evaluate_fn, True
     if loaded.task != "detection" or not hasattr(loaded.model, "compute_loss"):
         raise DetsegError(
-            f"model {loaded.name!r} cannot be trained here yet; "
-            "train FCOS, PolarMask or TensorMask models."
+            f"model {loaded.name!r} cannot be trained here yet; train FCOS, PolarMask, "
+            "TensorMask, Mask R-CNN or PointRend models."
         )
     return fcos_loss, fcos_evaluate_fn, False
 

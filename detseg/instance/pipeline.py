@@ -105,22 +105,32 @@ def evaluate_instance(
     results_json: str | Path | None = None,
     **_: Any,
 ) -> dict[str, Any]:
-    """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of a PolarMask / TensorMask model."""
-    from detseg.detection.pipeline import _subset, load_split
+    """COCO mask AP (``AP``, ``AP50``, ``AP75``) and box AP of an instance model on a split.
+
+    PolarMask, TensorMask, Mask R-CNN and PointRend models; the R-CNNs also report ``AP90`` (mask
+    AP at IoU 0.9) and run at the size their checkpoint was trained at when it records one.
+    """
+    from detseg.detection.pipeline import _subset, _trained_max_size, load_split
+    from detseg.instance.maskrcnn import MaskRCNN
     from detseg.instance.polarmask_training import polarmask_dataset, polarmask_evaluate_fn
+    from detseg.instance.rcnn_training import rcnn_evaluate_fn
 
     if results_json is not None:
         raise DetsegError(
             "to score a results file use `detseg coco-eval GT RESULTS --iou-type segm`."
         )
-    if not isinstance(model.model, PolarMask | TensorMask):
+    if isinstance(model.model, MaskRCNN):
+        make_evaluate, max_size = rcnn_evaluate_fn, _trained_max_size(model) or max_size
+    elif isinstance(model.model, PolarMask | TensorMask):
+        make_evaluate = polarmask_evaluate_fn
+    else:
         raise DetsegError(
-            f"`detseg eval --task instance` scores PolarMask and TensorMask models, "
-            f"not {model.name!r}."
+            "`detseg eval --task instance` scores PolarMask, TensorMask, Mask R-CNN and PointRend"
+            f" models, not {model.name!r}."
         )
     dataset = _subset(load_split(data, split, class_name), limit)
     items = polarmask_dataset(dataset, train=False, max_size=max_size, preprocess=model.preprocess)
     model.model.eval()
     with torch.no_grad():
-        metrics = polarmask_evaluate_fn(items, batch_size)(model.model)
+        metrics = make_evaluate(items, batch_size)(model.model)
     return {**metrics, "split": split, "images": len(dataset.images)}

@@ -17,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detseg.instance.maskrcnn import MaskRCNN, RoIHeads, d2_official
+from detseg.backbones.d2 import c2_msra_fill, c2_xavier_fill, normal_fill
+from detseg.instance.maskrcnn import MaskRCNN, d2_official
+from detseg.instance.roi_heads import RoIHeads, mask_rcnn_loss, mask_targets
 from detseg.ops.point_sample import (
     box_points_to_image,
     point_sample,
     regular_grid,
     uncertain_points_on_grid,
+    uncertain_points_with_randomness,
 )
 from detseg.registry import register_model
 
@@ -43,16 +46,21 @@ class CoarseMaskHead(nn.Module):
         super().__init__()
         if in_channels > conv_dim:
             self.reduce_channel_dim_conv = nn.Conv2d(in_channels, conv_dim, 1)
+            c2_msra_fill(self.reduce_channel_dim_conv)
         self.reduce_spatial_dim_conv = nn.Conv2d(conv_dim, conv_dim, 2, stride=2)
+        c2_msra_fill(self.reduce_spatial_dim_conv)
         dim = conv_dim * input_resolution**2 // 4
         for k in range(num_fc):
-            self.add_module(f"fc{k + 1}", nn.Linear(dim, fc_dim))
+            fc = nn.Linear(dim, fc_dim)
+            c2_xavier_fill(fc)
+            self.add_module(f"fc{k + 1}", fc)
             dim = fc_dim
         self.num_fc, self.out_shape = (
             num_fc,
             (num_classes, output_side_resolution, output_side_resolution),
         )
         self.prediction = nn.Linear(fc_dim, num_classes * output_side_resolution**2)
+        normal_fill(self.prediction, 0.001)
 
     def forward(self, pooled: Tensor) -> Tensor:
         x = pooled
@@ -61,7 +69,7 @@ class CoarseMaskHead(nn.Module):
         x = F.relu(self.reduce_spatial_dim_conv(x)).flatten(1)
         for k in range(self.num_fc):
             x = F.relu(getattr(self, f"fc{k + 1}")(x))
-        return self.prediction(x).view(len(x), *self.out_shape)
+        return self.prediction(x).view(-1, *self.out_shape)
 
 
 class PointHead(nn.Module):
@@ -85,9 +93,12 @@ class PointHead(nn.Module):
         self.num_fc, self.coarse_pred_each_layer = num_fc, coarse_pred_each_layer
         dim = in_channels + out
         for k in range(num_fc):
-            self.add_module(f"fc{k + 1}", nn.Conv1d(dim, fc_dim, 1))
+            fc = nn.Conv1d(dim, fc_dim, 1)
+            c2_msra_fill(fc)
+            self.add_module(f"fc{k + 1}", fc)
             dim = fc_dim + (out if coarse_pred_each_layer else 0)
         self.predictor = nn.Conv1d(dim, out, 1)
+        normal_fill(self.predictor, 0.001)
 
     def forward(self, fine_grained_features: Tensor, coarse_features: Tensor) -> Tensor:
         x = torch.cat((fine_grained_features, coarse_features), dim=1)
@@ -117,10 +128,31 @@ def sample_box_features(
 
 
 def class_channel(logits: Tensor, classes: Tensor) -> Tensor:
-    """The ``classes`` (R,) channel of ``logits`` (R, K, H, W) -> (R, 1, H, W); K = 1 is kept."""
+    """The ``classes`` (R,) channel of ``logits`` (R, K, ...) -> (R, 1, ...); K = 1 is kept."""
     if logits.shape[1] == 1:
         return logits
     return logits[torch.arange(len(classes), device=logits.device), classes].unsqueeze(1)
+
+
+def point_labels(
+    gt_masks: Sequence[Tensor],
+    gt_index: Sequence[Tensor],
+    boxes: Sequence[Tensor],
+    coords: Tensor,
+) -> Tensor:
+    """detectron2 ``sample_point_labels``: soft labels (R, P) in [0, 1], the matched GT bitmask
+    (G_i, H, W) of each RoI bilinearly sampled (``point_sample``) at its box-normalised
+    ``coords`` (R, P, 2) mapped into the image."""
+    points = box_points_to_image(torch.cat(list(boxes)), coords).split([len(b) for b in boxes])
+    out = []
+    for masks, index, pts in zip(gt_masks, gt_index, points, strict=True):
+        if len(index) == 0:
+            continue
+        h, w = masks.shape[-2:]
+        scale = torch.tensor([w, h], dtype=pts.dtype, device=pts.device)
+        chosen = masks[index][:, None].to(pts.dtype)
+        out.append(point_sample(chosen, pts / scale)[:, 0])
+    return torch.cat(out) if out else coords.new_zeros(coords.shape[:2])
 
 
 class PointRendMaskHead(nn.Module):
@@ -147,8 +179,12 @@ class PointRendMaskHead(nn.Module):
         coarse_pred_each_layer: bool = True,
         subdivision_steps: int = 5,
         subdivision_num_points: int = 784,
+        train_num_points: int = 14 * 14,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
     ) -> None:
         super().__init__()
+        self.train_points = (train_num_points, oversample_ratio, importance_sample_ratio)
         self.point_head = PointHead(
             in_channels,
             num_classes,
@@ -208,6 +244,42 @@ class PointRendMaskHead(nn.Module):
             logits = logits.scatter(2, idx.unsqueeze(1).expand(-1, c, -1), new).view(n, c, h, w)
         return logits, coarse
 
+    def losses(
+        self,
+        p2: Tensor,
+        boxes: Sequence[Tensor],
+        classes: Tensor,
+        gt_masks: Sequence[Tensor],
+        gt_index: Sequence[Tensor],
+    ) -> dict[str, Tensor]:
+        """detectron2 ``PointRendMaskHead`` training on the foreground RoIs.
+
+        ``loss_mask``: the coarse 7x7 logits against 7x7 GT crops (``mask_rcnn_loss``).
+        ``loss_mask_point``: BCE of the GT-class point logits against soft labels, the GT
+        bitmask (G_i, H, W) bilinearly sampled at the points, mean over R x 196. The points
+        (no gradient) are 3 x 196 uniform draws of which the 147 with the most uncertain
+        (``-|GT-class coarse logit|``) are kept, plus 49 fresh uniform ones.
+        """
+        coarse = self.coarse(p2, boxes)
+        losses = {
+            "loss_mask": mask_rcnn_loss(
+                coarse, classes, mask_targets(gt_masks, gt_index, boxes, coarse.shape[-1])
+            )
+        }
+        if len(classes) == 0:
+            losses["loss_mask_point"] = coarse.sum() * 0
+            return losses
+        with torch.no_grad():
+            coords = uncertain_points_with_randomness(
+                coarse, lambda lg: -class_channel(lg, classes).abs(), *self.train_points
+            )
+            labels = point_labels(gt_masks, gt_index, boxes, coords)
+        logits = class_channel(self._point_logits(p2, boxes, coords, coarse), classes)
+        losses["loss_mask_point"] = F.binary_cross_entropy_with_logits(
+            logits[:, 0], labels, reduction="mean"
+        )
+        return losses
+
     def forward(self, p2: Tensor, boxes: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
         classes = classes.long()
         logits, coarse = self.predict(p2, [boxes], classes)
@@ -217,8 +289,23 @@ class PointRendMaskHead(nn.Module):
 class PointRendRoIHeads(RoIHeads):
     """Mask R-CNN's ROI heads with the PointRend mask head on p2 (no mask pooler)."""
 
-    def build_mask_stage(self, in_channels: int, num_classes: int) -> None:
-        self.mask_head = PointRendMaskHead(in_channels, num_classes)
+    def build_mask_stage(
+        self, in_channels: int, num_classes: int, conv_dim: int, fc_dim: int
+    ) -> None:
+        self.mask_head = PointRendMaskHead(
+            in_channels, num_classes, conv_dim=conv_dim, fc_dim=fc_dim, point_fc_dim=conv_dim
+        )
+
+    def mask_losses(
+        self,
+        features: Sequence[Tensor],
+        boxes: Sequence[Tensor],
+        classes: Tensor,
+        gt_masks: Sequence[Tensor],
+        gt_index: Sequence[Tensor],
+    ) -> dict[str, Tensor]:
+        """``loss_mask`` (coarse 7x7) and ``loss_mask_point`` on p2 = ``features[0]``."""
+        return self.mask_head.losses(features[0], boxes, classes, gt_masks, gt_index)
 
     def mask_probs(
         self, features: Sequence[Tensor], boxes: Sequence[Tensor], classes: Tensor
@@ -233,6 +320,7 @@ class PointRendRCNN(MaskRCNN):
     rendered at 224x224 by the PointRend head; same ``forward`` and outputs as ``MaskRCNN``."""
 
     roi_heads_class = PointRendRoIHeads
+    train_on_pred_boxes = True
 
 
 @register_model(

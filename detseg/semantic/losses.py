@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detseg.ops.point_sample import point_sample
+
+# Point predictions (PointRend): logits (N, C, P) at image-normalised points (N, P, 2) in [0, 1]^2.
+PointLogits = tuple[torch.Tensor, torch.Tensor]
+
 
 def dice_loss(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, eps: float = 1.0
@@ -68,27 +73,35 @@ def enet_class_weights(label_counts: torch.Tensor, c: float = 1.02) -> list[floa
 
 
 def semantic_loss(
-    outputs: torch.Tensor | dict[str, torch.Tensor],
+    outputs: torch.Tensor | dict[str, torch.Tensor | PointLogits],
     target: torch.Tensor,
     criterion: nn.Module,
     aux_weights: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a model's training output: a logits tensor, or ``{"out": ..., "<aux>": ...}``.
 
-    Every auxiliary head (any key besides ``"out"``, resized to the label if needed) adds
-    ``aux_weights[key]`` (default 0.4, PSPNet's) times its own loss; the parts are reported by name.
+    Every auxiliary head (any key besides ``"out"``) adds ``aux_weights[key]`` (default 0.4,
+    PSPNet's) times its own loss; the parts are reported by name. A dense head's logits are
+    resized to the label if needed; a point head's ``(logits (N, C, P), coords (N, P, 2))`` is
+    scored against the label sampled at the points with ``mode='nearest'`` (detectron2's
+    PointRend rule).
     """
     if isinstance(outputs, torch.Tensor):
         return criterion(outputs, target), {}
     weights = aux_weights or {}
     total = torch.zeros((), device=target.device)
     parts: dict[str, float] = {}
-    for name, logits in outputs.items():
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(
-                logits, size=target.shape[-2:], mode="bilinear", align_corners=False
-            )
-        loss = criterion(logits, target)
+    for name, value in outputs.items():
+        if isinstance(value, tuple):
+            logits, coords = value
+            labels = point_sample(target[:, None].to(coords.dtype), coords, mode="nearest")
+            loss = criterion(logits[..., None], labels[:, 0, :, None].long())
+        else:
+            if value.shape[-2:] != target.shape[-2:]:
+                value = F.interpolate(
+                    value, size=target.shape[-2:], mode="bilinear", align_corners=False
+                )
+            loss = criterion(value, target)
         total = total + (1.0 if name == "out" else weights.get(name, 0.4)) * loss
         parts[f"loss_{name}"] = float(loss.detach())
     return total, parts

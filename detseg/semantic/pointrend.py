@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from detseg.ops.point_sample import (
 from detseg.registry import register_model
 from detseg.semantic.deeplab import DeepLabV3Plus
 from detseg.semantic.heads import resize_to
+from detseg.semantic.losses import PointLogits
 
 
 class ConvGN(nn.Conv2d):
@@ -153,9 +155,12 @@ class DeepLabV3PlusPointRend(DeepLabV3Plus):
 
     Fine features are the encoder's stride-4 level (ResNet ``layer1``); inference subdivides
     twice (stride 4 -> 1, ``subdivision_num_points`` per step) and resizes to the input if its
-    size is not a multiple of 4. ``forward`` in training returns the coarse logits at input size
-    (a plain segmentation loss trains the coarse model); ``compute_loss`` adds the point loss.
+    size is not a multiple of 4. ``forward`` in training returns ``{"out": coarse logits at input
+    size, "point": (point logits, points)}``, which the semantic pipeline's ``semantic_loss``
+    scores like any auxiliary head (weight ``aux_weights["point"] = 1``, detectron2's).
     """
+
+    aux_weights: ClassVar[dict[str, float]] = {"point": 1.0}
 
     def __init__(
         self,
@@ -188,37 +193,26 @@ class DeepLabV3PlusPointRend(DeepLabV3Plus):
         high = resize_to(self.aspp(feats[self.high_name]), fine)
         return self.decoder(torch.cat([high, self.project(fine)], dim=1)), fine
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor | PointLogits]:
         coarse, fine = self.coarse(x)
         if self.training:
-            return resize_to(coarse, x)
+            return {"out": resize_to(coarse, x), "point": self.point_predictions(coarse, fine)}
         steps = max(0, round(math.log2(x.shape[-1] / coarse.shape[-1])))
         return resize_to(refine_logits(coarse, [fine], self.point_head, steps, self.num_points), x)
 
-    def compute_loss(
-        self, images: Tensor, labels: Tensor, ignore_index: int = 255
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Coarse CE at input size + point CE on importance-sampled points (labels (N, H, W) int64).
-
-        Point labels are the label map sampled with ``mode='nearest'`` (detectron2's rule).
-        """
-        coarse, fine = self.coarse(images)
-        loss_coarse = F.cross_entropy(
-            resize_to(coarse, labels.shape[-2:]), labels, ignore_index=ignore_index
-        )
+    def point_predictions(self, coarse: Tensor, fine: Tensor) -> PointLogits:
+        """Training: point logits (N, K, P) at ``train_num_points`` importance-sampled points
+        (N, P, 2) (image-normalised, chosen without gradient from the top-2 margin of ``coarse``),
+        for ``semantic_loss`` to score against the label sampled there."""
         with torch.no_grad():
             coords = uncertain_points_with_randomness(
-                coarse,
+                coarse.detach(),
                 top2_uncertainty_points,
                 self.train_num_points,
                 self.oversample_ratio,
                 self.importance_sample_ratio,
             )
-            target = point_sample(labels[:, None].to(coarse.dtype), coords, mode="nearest")
-        logits = self.point_head(point_sample(fine, coords), point_sample(coarse, coords))
-        loss_point = F.cross_entropy(logits, target[:, 0].long(), ignore_index=ignore_index)
-        total = loss_coarse + loss_point
-        return total, {"loss_sem_seg": loss_coarse.item(), "loss_sem_seg_point": loss_point.item()}
+        return self.point_head(point_sample(fine, coords), point_sample(coarse, coords)), coords
 
 
 def top2_uncertainty_points(logits: Tensor) -> Tensor:

@@ -129,3 +129,29 @@ def test_predict_tensormask_draws_masks_and_rles(tmp_path):
     for det in dets:
         mask = rle_to_mask(det["mask"])
         assert mask.shape == (70, 90) and int(mask.sum()) == det["area"]
+
+
+@pytest.mark.parametrize("name", ["maskrcnn_r50", "pointrend_r50"])
+def test_train_and_eval_rcnn_through_the_cli(shared, tmp_path, name):
+    from typer.testing import CliRunner
+
+    from detseg.cli import app
+    from tests.conftest import need
+
+    data = need(shared / "data" / "coco128")
+    args = ["train", "--task", "instance", "--model", name, "--model-arg",
+            "backbone=mobilenet_v2", "--model-arg", "detections_per_image=5", "--data",
+            str(data), "--steps", "2", "--batch-size", "2",
+            "--max-size", "96", "--eval-every", "0", "--val-limit", "1", "--out",
+            str(tmp_path / "run"), "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and "AP90" in summary["last_eval"]
+    weights = str(tmp_path / "run" / "last.safetensors")
+    args = ["eval", "--task", "instance", "--weights", weights, "--data", str(data),
+            "--limit", "1", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["images"] == 1 and 0.0 <= metrics["AP"] <= 1.0 and "box_AP50" in metrics
