@@ -329,19 +329,29 @@ def export(
     path: str | Path,
     *,
     weights: str | Path | None = None,
-    height: int = 1080,
-    width: int = 1920,
+    height: int = 512,
+    width: int = 512,
+    opset: int = 17,
     check: bool = True,
+    **model_kwargs: Any,
 ) -> dict[str, Any]:
-    """Export ``model`` to ONNX at ``path``; returns max abs differences of onnxruntime vs torch."""
-    if model.startswith("bgmv2"):
-        from detseg.matting.bgmv2_export import export as bgmv2_export
+    """Export ``model`` to ONNX at ``path`` as its export spec says (``detseg.engine.export``).
 
-        return bgmv2_export(model, path, weights=weights, height=height, width=width, check=check)
-    from detseg.engine.export import export_single_input
+    The file records the model name, constructor arguments, normalisation and class names, so
+    ``detseg predict --runtime onnx --onnx PATH`` can run it. Returns the export summary with
+    the max abs difference of onnxruntime vs torch per output (``check``).
+    """
+    from detseg.engine.export import export_loaded
 
-    loaded = load_model(model, weights, device="cpu")
-    return export_single_input(loaded.model, path, height=height, width=width, check=check)
+    loaded = load_model(model, weights, device="cpu", **model_kwargs)
+    return export_loaded(loaded, path, height, width, opset, check)
+
+
+def load_onnx(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A model whose forward is an exported ONNX file (``detseg.engine.onnx_runtime``)."""
+    from detseg.engine.onnx_runtime import load_onnx as load
+
+    return load(path, device)
 
 
 def coco_eval(

@@ -28,6 +28,7 @@ from torchvision.models import densenet121, resnet34, resnet101
 from torchvision.models.resnet import BasicBlock
 
 from detseg.errors import CheckpointError
+from detseg.ops.adaptive_pool import AdaptiveAvgPool2d
 from detseg.registry import OfficialFormat, register_model
 
 BACKBONES = ("r34", "r34_2b", "d121", "r101")
@@ -93,7 +94,7 @@ class PSPModule(nn.Module):
         super().__init__()
         self.stages = nn.ModuleList(
             nn.Sequential(
-                nn.AdaptiveAvgPool2d((s, s)), nn.Conv2d(channels, channels, 1, bias=False)
+                AdaptiveAvgPool2d((s, s)), nn.Conv2d(channels, channels, 1, bias=False)
             )
             for s in sizes
         )
