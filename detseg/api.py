@@ -185,7 +185,17 @@ def models_table(task: str | None = None) -> list[dict[str, Any]]:
 def predict(
     model: LoadedModel, source: str | Path, out_dir: str | Path | None = None, **options: Any
 ) -> list[dict[str, Any]]:
-    """Run ``model`` on a file, folder or glob; write pictures to ``out_dir``; return summaries."""
+    """Run ``model`` on a file, folder or glob; write pictures to ``out_dir``; return summaries.
+
+    A video file (``detseg.data.video.VIDEO_SUFFIXES``) of any task becomes an annotated video
+    (``detseg.engine.video.predict_video_file``; ``bgr=PLATE`` for BGMv2).
+    """
+    from detseg.data.video import is_video
+
+    if is_video(source):
+        from detseg.engine.video import predict_video_file
+
+        return [predict_video_file(model, source, out_dir, **options)]
     if model.task == "semantic":
         from detseg.semantic.pipeline import predict_files
 

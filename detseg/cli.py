@@ -307,7 +307,7 @@ def eval_cmd(
 @app.command("predict")
 @user_errors
 def predict_cmd(
-    source: str = typer.Argument(..., help="Image file, folder or glob."),
+    source: str = typer.Argument(..., help="Image file, folder, glob or video."),
     task: str = typer.Option(None, help="Optional check: the model's task must be this one."),
     model: str = typer.Option(None, help="Registered model name."),
     weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
@@ -323,14 +323,20 @@ def predict_cmd(
     match: str = typer.Option("iou", help="detection: iou or ios match metric."),
     full_image: bool = typer.Option(False, help="detection: add a whole-image pass to slices."),
     save_coco: Path = typer.Option(None, help="detection: write a COCO results JSON."),
+    runtime: str = typer.Option("torch", help="torch, or onnx (runs the --onnx file)."),
+    onnx: Path = typer.Option(None, help="An ONNX file written by `detseg export`."),
+    bgr: Path = typer.Option(None, help="BGMv2 video: the clean background plate."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection)."""
-    loaded = api.load_model(model, weights, device)
+    """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection); a video
+    gives an annotated video (every task)."""
+    if runtime not in ("torch", "onnx") or (runtime == "onnx") != (onnx is not None):
+        raise DetsegError("use --runtime torch, or --runtime onnx with --onnx FILE.onnx.")
+    loaded = api.load_onnx(onnx, device) if onnx else api.load_model(model, weights, device)
     if task is not None and task != loaded.task:
         raise DetsegError(f"--task {task}: model {loaded.name!r} is a {loaded.task} model.")
-    if weights is None and not as_json:
+    if weights is None and onnx is None and not as_json:
         console.print("[yellow]no --weights given: the model has random weights[/yellow]")
     if loaded.task in ("detection", "instance"):
         options = dict(
@@ -345,6 +351,8 @@ def predict_cmd(
         )
     else:
         options = dict(sliding=sliding, crop=crop, stride=stride, batch_size=batch_size)
+    if bgr is not None:
+        options["bgr"] = bgr
     records = api.predict(loaded, source, out, progress=not as_json, **options)
     if as_json:
         _emit_json({"model": loaded.name, "images": records})

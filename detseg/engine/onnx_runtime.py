@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from detseg.data.preprocess import Preprocess
+from detseg.engine.device import resolve_device
 from detseg.engine.export import ort_session
 from detseg.errors import DetsegError
 
@@ -32,7 +33,11 @@ if TYPE_CHECKING:
 def read_metadata(session: Any) -> dict[str, Any]:
     """The ``detseg.*`` metadata of an onnxruntime session's model (prefix stripped, JSON decoded)."""
     props: Mapping[str, str] = session.get_modelmeta().custom_metadata_map
-    return {k.removeprefix("detseg."): json.loads(v) for k, v in props.items() if k.startswith("detseg.")}
+    return {
+        k.removeprefix("detseg."): json.loads(v)
+        for k, v in props.items()
+        if k.startswith("detseg.")
+    }
 
 
 class OrtForward:
@@ -46,7 +51,9 @@ class OrtForward:
         self.session = session
         self.names = [i.name for i in session.get_inputs()]
         self.single = metadata.get("output_kind") == "tensor"
-        self.size = tuple(metadata.get("size", ())) if not metadata.get("dynamic_size", True) else None
+        self.size = (
+            tuple(metadata.get("size", ())) if not metadata.get("dynamic_size", True) else None
+        )
         self.multiple = int(metadata.get("size_multiple", 1))
         self.min_pixels = int(metadata.get("min_pixels", 0))
 
@@ -58,7 +65,9 @@ class OrtForward:
                 f"got {hw[0]}x{hw[1]}; export it again at the size you need (--height/--width)."
             )
         if any(v % self.multiple for v in hw):
-            raise DetsegError(f"this ONNX graph needs sizes divisible by {self.multiple}, got {hw}.")
+            raise DetsegError(
+                f"this ONNX graph needs sizes divisible by {self.multiple}, got {hw}."
+            )
         if hw[0] * hw[1] < self.min_pixels:
             raise DetsegError(
                 f"this ONNX graph needs inputs of at least {self.min_pixels} pixels, got "
@@ -79,6 +88,9 @@ class OrtForward:
 def load_onnx(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """A ``LoadedModel`` whose forward is the ONNX file at ``path`` (see the module docstring).
 
+    ``device`` ("auto", "cpu", "cuda") picks onnxruntime's CUDA provider when it has one; the
+    code around the graph runs on the CPU.
+
     Raises:
         DetsegError: unreadable file, not written by ``detseg export``, or a partial graph.
     """
@@ -87,7 +99,7 @@ def load_onnx(path: str | Path, device: str | torch.device = "cpu") -> LoadedMod
     path = Path(path)
     if not path.is_file():
         raise DetsegError(f"{path}: no such ONNX file; write one with `detseg export`.")
-    session = ort_session(path, device)
+    session = ort_session(path, resolve_device(device))
     meta = read_metadata(session)
     if "model" not in meta:
         raise DetsegError(

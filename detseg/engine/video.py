@@ -124,3 +124,32 @@ def predict_video(
         "frames_per_second": round(count / seconds, 3) if seconds > 0 else None,
         "outputs": [str(target)],
     }
+
+
+def predict_video_file(
+    loaded: Any,
+    source: str | Path,
+    out_dir: str | Path | None,
+    *,
+    bgr: str | Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    save_coco: str | Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``detseg predict VIDEO``: a ``Predictor`` of ``loaded`` (``options`` are its keyword
+    arguments) over every frame; ``bgr`` is the plate image of BGMv2 models."""
+    from detseg.data.images import read_image
+    from detseg.predictor import Predictor
+
+    if save_coco is not None:
+        raise DetsegError("--save-coco is for image folders; a video has no COCO image ids.")
+    if out_dir is None:
+        raise DetsegError("predicting a video needs an output folder (--out).")
+    predictor = Predictor(loaded, batch_size=batch_size, **options)
+    plate = read_image(bgr) if bgr is not None else None
+    if predictor.needs_plate and plate is None:
+        raise DetsegError(f"{loaded.name} needs the background plate of the video: pass --bgr.")
+    return predict_video(
+        predictor, source, out_dir, batch_size=batch_size, bgr=plate, progress=progress
+    )

@@ -25,6 +25,7 @@ from torchvision.ops import batched_nms, roi_align
 
 from detseg.backbones.d2 import ResNetFPN
 from detseg.checkpoint import load_state_dict_strict, read_state_dict
+from detseg.engine.export import OnnxSpec
 from detseg.errors import CheckpointError
 from detseg.ops.masks import polygons_to_rle, rle_to_mask
 from detseg.ops.swap_align2nat import DEFAULT_PAD, SwapAlign2Nat, swap_align2nat_windows
@@ -619,6 +620,14 @@ class TensorMask(nn.Module):
         self.test_settings = (score_thresh, topk_candidates, nms_thresh, max_detections)
         self.backbone = RetinaNetResNetFPN()
         self.head = TensorMaskHead(num_classes=num_classes, apply_swap_align2nat=False)
+
+    def onnx_spec(self) -> OnnxSpec:
+        """What ``detseg export`` writes: the raw head outputs with the aligned mask logits;
+        window selection, NMS and SwapAlign2Nat of the kept windows are ``postprocess``."""
+        return OnnxSpec(
+            size_multiple=32,
+            note="raw head outputs (aligned mask logits); selection, NMS, SwapAlign2Nat beside",
+        )
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         return self.head(*self.backbone(images))

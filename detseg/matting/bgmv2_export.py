@@ -106,6 +106,12 @@ def export(
     if not model.startswith("bgmv2") or get_entry(model).task != "matting":
         raise DetsegError(f"{model!r} is not a BackgroundMattingV2 model.")
     return export_any(
-        model, path, weights=weights, height=height, width=width, opset=opset, check=check,
+        model,
+        path,
+        weights=weights,
+        height=height,
+        width=width,
+        opset=opset,
+        check=check,
         **model_kwargs,
     )
