@@ -477,9 +477,9 @@ def test_retinanet_fpn_average_fusion_and_p6_p7_from_c5() -> None:
 @pytest.mark.slow
 def test_onnx_export_matches_raw_head_outputs(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from detseg.engine.export import export_single_input
+    from detseg.engine.export import export_model
 
-    result = export_single_input(TensorMask(), tmp_path / "tensormask.onnx", 64, 96)
+    result = export_model(TensorMask(), tmp_path / "tensormask.onnx", 64, 96)
     assert len(result["outputs"]) == 24
     assert max(result["max_abs_diff"].values()) <= 1e-4
 
