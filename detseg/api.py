@@ -193,7 +193,17 @@ def models_table(task: str | None = None) -> list[dict[str, Any]]:
 def predict(
     model: LoadedModel, source: str | Path, out_dir: str | Path | None = None, **options: Any
 ) -> list[dict[str, Any]]:
-    """Run ``model`` on a file, folder or glob; write pictures to ``out_dir``; return summaries."""
+    """Run ``model`` on a file, folder or glob; write pictures to ``out_dir``; return summaries.
+
+    A video file (``detseg.data.video.VIDEO_SUFFIXES``) of any task becomes an annotated video
+    (``detseg.engine.video.predict_video_file``; ``bgr=PLATE`` for BGMv2).
+    """
+    from detseg.data.video import is_video
+
+    if is_video(source):
+        from detseg.engine.video import predict_video_file
+
+        return [predict_video_file(model, source, out_dir, **options)]
     if model.task == "semantic":
         from detseg.semantic.pipeline import predict_files
 
@@ -342,24 +352,34 @@ def export(
     path: str | Path,
     *,
     weights: str | Path | None = None,
-    height: int = 1080,
-    width: int = 1920,
+    height: int = 512,
+    width: int = 512,
+    opset: int = 17,
     check: bool = True,
+    **model_kwargs: Any,
 ) -> dict[str, Any]:
-    """Export ``model`` to ONNX at ``path``; returns max abs differences of onnxruntime vs torch."""
-    if model.startswith("bgmv2"):
-        from detseg.matting.bgmv2_export import export as bgmv2_export
+    """Export ``model`` to ONNX at ``path`` as its export spec says (``detseg.engine.export``).
 
-        return bgmv2_export(model, path, weights=weights, height=height, width=width, check=check)
-    from detseg.engine.export import export_single_input
+    The file records the model name, constructor arguments, normalisation and class names, so
+    ``detseg predict --runtime onnx --onnx PATH`` can run it. Returns the export summary with
+    the max abs difference of onnxruntime vs torch per output (``check``).
+    """
+    from detseg.engine.export import export_loaded, model_metadata
     from detseg.instance.maskrcnn import MaskRCNN
 
-    loaded = load_model(model, weights, device="cpu")
+    loaded = load_model(model, weights, device="cpu", **model_kwargs)
     if isinstance(loaded.model, MaskRCNN):  # two graphs: dense stage and RoI heads
         from detseg.instance.rcnn_export import export_rcnn
 
-        return export_rcnn(loaded.model, path, height=height, width=width, check=check)
-    return export_single_input(loaded.model, path, height=height, width=width, check=check)
+        return export_rcnn(loaded.model, path, height, width, check, model_metadata(loaded))
+    return export_loaded(loaded, path, height, width, opset, check)
+
+
+def load_onnx(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A model whose forward is an exported ONNX file (``detseg.engine.onnx_runtime``)."""
+    from detseg.engine.onnx_runtime import load_onnx as load
+
+    return load(path, device)
 
 
 def coco_eval(

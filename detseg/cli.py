@@ -316,7 +316,7 @@ def eval_cmd(
 @app.command("predict")
 @user_errors
 def predict_cmd(
-    source: str = typer.Argument(..., help="Image file, folder or glob."),
+    source: str = typer.Argument(..., help="Image file, folder, glob or video."),
     task: str = typer.Option(None, help="Optional check: the model's task must be this one."),
     model: str = typer.Option(None, help="Registered model name."),
     weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
@@ -334,14 +334,23 @@ def predict_cmd(
     save_coco: Path = typer.Option(None, help="detection: write a COCO results JSON."),
     exact: bool = ExactOpt,
     precision: str = PrecisionOpt,
+    runtime: str = typer.Option("torch", help="torch, or onnx (runs the --onnx file)."),
+    onnx: Path = typer.Option(None, help="An ONNX file written by `detseg export`."),
+    bgr: Path = typer.Option(None, help="BGMv2 video: the clean background plate."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection)."""
-    loaded = api.fast_model(api.load_model(model, weights, device), exact, precision)
+    """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection); a video
+    gives an annotated video (every task)."""
+    if runtime not in ("torch", "onnx") or (runtime == "onnx") != (onnx is not None):
+        raise DetsegError("use --runtime torch, or --runtime onnx with --onnx FILE.onnx.")
+    if onnx is not None:
+        loaded = api.load_onnx(onnx, device)
+    else:
+        loaded = api.fast_model(api.load_model(model, weights, device), exact, precision)
     if task is not None and task != loaded.task:
         raise DetsegError(f"--task {task}: model {loaded.name!r} is a {loaded.task} model.")
-    if weights is None and not as_json:
+    if weights is None and onnx is None and not as_json:
         console.print("[yellow]no --weights given: the model has random weights[/yellow]")
     if loaded.task in ("detection", "instance"):
         options = dict(
@@ -356,6 +365,8 @@ def predict_cmd(
         )
     else:
         options = dict(sliding=sliding, crop=crop, stride=stride, batch_size=batch_size)
+    if bgr is not None:
+        options["bgr"] = bgr
     records = api.predict(loaded, source, out, progress=not as_json, **options)
     if as_json:
         _emit_json({"model": loaded.name, "images": records})

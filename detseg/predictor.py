@@ -18,6 +18,7 @@ A ``Prediction`` holds the task's result in numpy/torch form, its JSON summary (
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -231,8 +232,7 @@ class Predictor:
     def __call__(self, image: np.ndarray, bgr: np.ndarray | None = None) -> Prediction:
         """Predict one (H, W, 3) uint8 RGB image (``bgr``: the background plate for BGMv2)."""
         image = check_image(image)
-        h, w = image.shape[:2]
-        base = dict(task=self.task, width=w, height=h, class_names=tuple(self.loaded.class_names))
+        base = self._base(image)
         if self.task == "semantic":
             return Prediction(**base, labels=self._segment(image))
         if self.task == "detection":
@@ -248,6 +248,40 @@ class Predictor:
         if self.task == "matting":
             return self._matte(image, bgr, base)
         raise DetsegError(f"no in-memory predictor for task {self.task!r}.")
+
+    def predict_batch(
+        self, images: Sequence[np.ndarray], bgr: np.ndarray | None = None
+    ) -> list[Prediction]:
+        """Predict several (H, W, 3) uint8 RGB images (video frames), one ``Prediction`` each,
+        equal to calling the predictor on each image.
+
+        Same-size images go through the network in one forward pass where the task's inference
+        allows it (whole-image semantic, unsliced detection); other cases run image by image.
+        """
+        images = [check_image(image) for image in images]
+        if not images:
+            return []
+        same_size = len({image.shape for image in images}) == 1
+        if self.task == "semantic" and same_size and not self.semantic_options["sliding"]:
+            from detseg.semantic.pipeline import segment_batch
+
+            loaded = self.loaded
+            labels = segment_batch(loaded.model, images, loaded.preprocess, loaded.device)
+            return [
+                Prediction(**self._base(image), labels=lab)
+                for image, lab in zip(images, labels, strict=True)
+            ]
+        if self.task == "detection" and self._slice_cfg is None:
+            dets = self._detect(images)
+            return [
+                Prediction(**self._base(image), detections=_above(det, self.score_threshold))
+                for image, det in zip(images, dets, strict=True)
+            ]
+        return [self(image, bgr) for image in images]
+
+    def _base(self, image: np.ndarray) -> dict[str, Any]:
+        h, w = image.shape[:2]
+        return dict(task=self.task, width=w, height=h, class_names=tuple(self.loaded.class_names))
 
     def _segment(self, image: np.ndarray) -> np.ndarray:
         from detseg.semantic.pipeline import segment

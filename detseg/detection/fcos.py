@@ -57,6 +57,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detseg.backbones.trunks import ResNetBackbone
 from detseg.checkpoint import load_state_dict_strict, read_state_dict
+from detseg.engine.export import OnnxSpec
 from detseg.errors import CheckpointError
 from detseg.registry import OfficialFormat, register_model
 from detseg.results import Detections
@@ -614,6 +615,14 @@ class FCOS(nn.Module):
             threshold_on="cls" if official else "score",
             legacy_boxes=official,
             location_style=convention,
+        )
+
+    def onnx_spec(self) -> OnnxSpec:
+        """What ``detseg export`` writes: the raw head outputs (``forward``); decoding is
+        ``postprocess`` (locations, thresholds, top-k, NMS), run beside the graph."""
+        return OnnxSpec(
+            size_multiple=32,
+            note="raw head outputs (class logits, boxes, centerness per level); decoding + NMS beside",
         )
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:

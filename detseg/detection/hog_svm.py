@@ -207,6 +207,15 @@ class HogSvmDetector(nn.Module):
         out = F.conv2d(blocks[None].to(self.weight), kernel, stride=self.window_stride)
         return out[0, 0] + self.bias
 
+    def onnx_spec(self) -> Any:
+        """Always raises ``NotExportable``: HOG + SVM is no network (see the message)."""
+        from detseg.engine.export import NotExportable
+
+        raise NotExportable(
+            "hog_svm is not a network: HOG features (OpenCV/numpy) over an image pyramid scored "
+            "by a linear SVM; there is no graph to export to ONNX. Run it with `detseg predict`."
+        )
+
     def forward(self, features: Tensor) -> Tensor:
         """(N, F) window HOG vectors -> (N,) calibrated probabilities of the object."""
         return self.probability(features.to(self.weight) @ self.weight + self.bias)

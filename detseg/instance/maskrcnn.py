@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from detseg.backbones.d2 import ResNetFPN, TrunkFPN
 from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.data.preprocess import Preprocess
+from detseg.engine.export import OnnxSpec
 from detseg.errors import CheckpointError
 from detseg.instance.roi_heads import (
     BoxHead,
@@ -73,6 +74,25 @@ D2_PREPROCESS = {
 }
 # backbone -> (FPN, box-head FC, mask-head conv widths) unless given
 WIDTHS = {"resnet50": (256, 1024, 256), "mobilenet_v2": (64, 256, 64)}
+
+
+class RPNRawOutputs(nn.Module):
+    """The exportable first stage of ``MaskRCNN``: backbone + RPN head, before any selection.
+
+    ``forward(images (N, 3, H, W) BGR 0..255, H and W multiples of 32)`` returns p2..p6
+    (N, 256, H/s, W/s), the RPN objectness logits per level (N, A, H/s, W/s) and the anchor
+    deltas per level (N, 4A, H/s, W/s). Proposal selection (top-k, NMS) and the RoI heads are
+    data-dependent and stay outside (``RPNProposals``, ``RoIHeads``).
+    """
+
+    def __init__(self, model: MaskRCNN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        m = self.model
+        feats = m.backbone((images - m.pixel_mean) / m.pixel_std)
+        return (*feats, *m.proposal_generator.rpn_head(*feats))
 
 
 class MaskRCNN(nn.Module):
@@ -227,6 +247,22 @@ class MaskRCNN(nn.Module):
         size = output_size or (int(image.shape[-2]), int(image.shape[-1]))
         boxes, scores, classes, masks = self.detect(image, size)
         return Instances(boxes=boxes, scores=scores, labels=classes, masks=masks)
+
+    def onnx_spec(self) -> OnnxSpec:
+        """What ``detseg export`` writes: ``RPNRawOutputs`` (backbone + RPN head raw outputs)."""
+        levels = ("p2", "p3", "p4", "p5", "p6")
+        return OnnxSpec(
+            module=RPNRawOutputs(self),
+            outputs=(
+                *levels,
+                *(f"rpn_logits_{p}" for p in levels),
+                *(f"rpn_deltas_{p}" for p in levels),
+            ),
+            size_multiple=self.size_divisibility,
+            runtime=False,
+            example=lambda n, h, w: (torch.rand(n, 3, h, w) * 255,),
+            note="backbone + RPN head raw outputs; proposals (NMS) and RoI heads stay in torch",
+        )
 
     def forward(self, image: Tensor, output_size: Tensor) -> tuple[Tensor, ...]:
         out_h, out_w = (int(v) for v in output_size.tolist())

@@ -50,6 +50,7 @@ from detseg.detection.fcos import (
     ResNetBody,
     compute_locations,
 )
+from detseg.engine.export import OnnxSpec
 from detseg.errors import CheckpointError
 from detseg.registry import OfficialFormat, register_model
 from detseg.results import Instances
@@ -604,6 +605,14 @@ class PolarMask(nn.Module):
         self.targets = PolarMaskTargets(official_compat=official_compat)
         self.postprocessor = PolarMaskPostProcess(
             num_classes, STRIDES, nms_pre, score_thr, nms_iou_thr, max_per_img
+        )
+
+    def onnx_spec(self) -> OnnxSpec:
+        """What ``detseg export`` writes: the raw head outputs (``forward``); polar decoding,
+        NMS and rasterisation are ``postprocess``, run beside the graph."""
+        return OnnxSpec(
+            size_multiple=32,
+            note="raw head outputs (class, centerness, 36 ray lengths per level); decoding beside",
         )
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:

@@ -20,24 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from detseg.engine.export import export_single_input, export_with_inputs
+from detseg.engine.export import export_model, export_with_inputs
 from detseg.instance.maskrcnn import MaskRCNN
 from detseg.instance.pointrend import PointRendMaskHead
 from detseg.ops.point_sample import point_sample
-
-
-class DenseStage(nn.Module):
-    """Normalisation, backbone and RPN head of ``model``: ``forward(image) -> (*p2..p6,
-    *objectness, *deltas)``."""
-
-    def __init__(self, model: MaskRCNN) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        x = (image - self.model.pixel_mean) / self.model.pixel_std
-        feats = self.model.backbone(x)
-        return (*feats, *self.model.proposal_generator.rpn_head(*feats))
 
 
 class HeadStage(nn.Module):
@@ -73,17 +59,22 @@ class HeadStage(nn.Module):
 
 
 def export_rcnn(
-    model: MaskRCNN, path: str | Path, height: int = 256, width: int = 320, check: bool = True
+    model: MaskRCNN,
+    path: str | Path,
+    height: int = 256,
+    width: int = 320,
+    check: bool = True,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``path`` (the dense stage) and ``<stem>.heads.onnx`` beside it (the head stage).
+    """Write ``path`` (the dense stage, ``MaskRCNN.onnx_spec``: ``RPNRawOutputs``) and
+    ``<stem>.heads.onnx`` beside it (the head stage); ``metadata`` goes into the dense file.
 
     Returns ``{"path", "heads_path", "outputs", "heads_outputs", "max_abs_diff"}``: the check
     compares onnxruntime with eager PyTorch on new inputs (another image size, another RoI and
     point count) and reports the max abs difference of every output of both graphs.
     """
     model = model.eval().float().cpu()
-    size = (height // 32 * 32, width // 32 * 32)
-    dense = export_single_input(DenseStage(model), path, *size, check=check)
+    dense = export_model(model, path, height, width, check=check, metadata=metadata)
     head_path = Path(path).with_suffix(".heads.onnx")
     stage = HeadStage(model)
     inputs = stage.example_inputs()

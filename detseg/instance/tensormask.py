@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from detseg.backbones.d2 import FPN, ResNetFPN
 from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.detection.fcos import MobileNetV2Body
+from detseg.engine.export import OnnxSpec
 from detseg.errors import CheckpointError
 from detseg.instance.tensormask_infer import (
     dense_detection_masks,
@@ -264,6 +265,14 @@ class TensorMask(nn.Module):
             bbox_channels,
             mask_channels,
             apply_swap_align2nat=False,
+        )
+
+    def onnx_spec(self) -> OnnxSpec:
+        """What ``detseg export`` writes: class logits, box deltas and mask-tower features;
+        window selection, NMS and SwapAlign2Nat of the kept windows are ``postprocess``."""
+        return OnnxSpec(
+            size_multiple=32,
+            note="raw head outputs (mask-tower features); selection, NMS, per-window masks beside",
         )
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:

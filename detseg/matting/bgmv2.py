@@ -167,6 +167,12 @@ class MattingBase(nn.Module):
         hid = d[:, 5:].relu()
         return pha, fgr, err, hid
 
+    def onnx_spec(self) -> Any:
+        """What ``detseg export`` writes: see ``detseg.matting.bgmv2_export.bgmv2_spec``."""
+        from detseg.matting.bgmv2_export import bgmv2_spec
+
+        return bgmv2_spec(self)
+
     @classmethod
     def from_official(cls, path: str | Path, **kwargs: Any) -> MattingBase:
         """Load an official ``.pth`` state dict (MattingBase or MattingRefine; the refiner is ignored).

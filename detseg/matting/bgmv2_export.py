@@ -17,16 +17,14 @@ files, crops and pastes index the batch correctly, so batches > 1 are exact.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from detseg.engine.export import OnnxSpec, compare_onnx, export_model
 from detseg.errors import DetsegError
-from detseg.fileio import atomic_output
 from detseg.matting.bgmv2 import MattingBase, MattingRefine
 
 REFINE_OUTPUTS = ("pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm")
@@ -42,6 +40,21 @@ def export_size(model: nn.Module, height: int, width: int) -> tuple[int, int]:
         while (h // 4) * (w // 4) < k:
             h, w = h * 2, w * 2
     return h, w
+
+
+def bgmv2_spec(model: MattingBase) -> OnnxSpec:
+    """The export spec of ``MattingBase`` / ``MattingRefine``: the whole forward, inputs ``src``
+    and ``bgr`` (B, 3, H, W) float32 in [0, 1], outputs under their official names."""
+    refine = isinstance(model, MattingRefine)
+    sampling = refine and model.refiner.mode == "sampling"
+    return OnnxSpec(
+        inputs=("src", "bgr"),
+        outputs=REFINE_OUTPUTS if refine else BASE_OUTPUTS,
+        size_multiple=4 if refine else 1,
+        min_pixels=model.refiner.sample_pixels if sampling else 0,
+        fit_size=lambda h, w: export_size(model, h, w),
+        note="whole network; refine mode, backbone scale and threshold fixed in the graph",
+    )
 
 
 def export_onnx(
@@ -63,46 +76,12 @@ def export_onnx(
     Returns:
         output name -> max abs difference vs torch (empty when ``check`` is False).
     """
-    model = model.eval().float().cpu()
-    names = REFINE_OUTPUTS if isinstance(model, MattingRefine) else BASE_OUTPUTS
-    h, w = export_size(model, height, width)
-    dummy = (torch.rand(1, 3, h, w), torch.rand(1, 3, h, w))
-    axes = {n: {0: "batch", 2: "height", 3: "width"} for n in ("src", "bgr", *names)}
-    with atomic_output(path) as tmp, warnings.catch_warnings():
-        # The tracer warns about the Python-side checks (shape asserts, the training-only branch).
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            dummy,
-            str(tmp),
-            input_names=["src", "bgr"],
-            output_names=list(names),
-            dynamic_axes=axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    return check_onnx(model, path, (h, w + 4)) if check else {}
+    return export_model(model, path, height, width, opset, check)["max_abs_diff"]
 
 
 def check_onnx(model: nn.Module, path: str | Path, size: tuple[int, int]) -> dict[str, float]:
     """Max abs difference per output between onnxruntime on ``path`` and ``model`` (batch 2)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise DetsegError(
-            "checking the export needs onnxruntime: pip install detseg[onnx]."
-        ) from exc
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    src, bgr = torch.rand(2, 3, *size), torch.rand(2, 3, *size)
-    outputs = session.run(None, {"src": src.numpy(), "bgr": bgr.numpy()})
-    with torch.no_grad():
-        reference = model(src, bgr)
-    names = [o.name for o in session.get_outputs()]
-    return {
-        n: float(np.abs(o - r.numpy()).max()) if o.shape == tuple(r.shape) else float("inf")
-        for n, o, r in zip(names, outputs, reference, strict=True)
-    }
+    return compare_onnx(model, path, (torch.rand(2, 3, *size), torch.rand(2, 3, *size)))
 
 
 def export(
@@ -118,16 +97,21 @@ def export(
     """``detseg export --format onnx --model bgmv2_... [--weights W] -o PATH``.
 
     ``model_kwargs`` pick the graph's constants (``refine_mode``, ``backbone_scale``,
-    ``refine_sample_pixels``, ``refine_threshold``). Returns ``{"path", "size", "max_abs_diff"}``.
+    ``refine_sample_pixels``, ``refine_threshold``). Returns ``detseg.api.export``'s summary
+    (``path``, ``size``, ``max_abs_diff``, ...).
     """
-    from detseg.api import load_model
+    from detseg.api import export as export_any
+    from detseg.registry import get_entry
 
-    loaded = load_model(model, weights=weights, device="cpu", **model_kwargs)
-    if not isinstance(loaded.model, MattingBase):
+    if not model.startswith("bgmv2") or get_entry(model).task != "matting":
         raise DetsegError(f"{model!r} is not a BackgroundMattingV2 model.")
-    diffs = export_onnx(loaded.model, path, height, width, opset, check)
-    return {
-        "path": str(path),
-        "size": list(export_size(loaded.model, height, width)),
-        "max_abs_diff": diffs,
-    }
+    return export_any(
+        model,
+        path,
+        weights=weights,
+        height=height,
+        width=width,
+        opset=opset,
+        check=check,
+        **model_kwargs,
+    )

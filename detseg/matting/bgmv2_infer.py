@@ -9,7 +9,6 @@ defaults to the official green (120, 255, 155).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,13 @@ from PIL import Image
 from torch import nn
 
 from detseg.data.images import list_images, read_image, write_image
-from detseg.data.video import VideoWriter, is_video, read_frames, video_info
+from detseg.data.video import is_video, video_info
 from detseg.engine.prefetch import BackgroundWriter, prefetch
+from detseg.engine.video import VIDEO_GREEN, map_video
 from detseg.errors import DetsegError
 from detseg.matting.bgmv2 import MattingBase, MattingRefine
 
 OUTPUTS = ("com", "pha", "fgr", "err", "ref")
-VIDEO_GREEN = (120, 255, 155)
 Background = tuple[int, int, int] | np.ndarray | None
 Progress = Callable[[int, int], None]  # (frames done, total or 0 when unknown)
 
@@ -64,20 +63,35 @@ def matte_pair(
         refined regions (nearest to full size); all in [0, 1]. Sizes not divisible by 4 are
         replicate-padded for ``MattingRefine`` and cropped back.
     """
-    if src.shape != bgr.shape:
-        raise DetsegError(
-            f"source {src.shape[1]}x{src.shape[0]} and background plate {bgr.shape[1]}x"
-            f"{bgr.shape[0]} differ in size; use a plate of the same size or --resize-bgr."
-        )
+    return matte_batch(model, [src], bgr, device)[0]
+
+
+@torch.no_grad()
+def matte_batch(
+    model: nn.Module,
+    srcs: Sequence[np.ndarray],
+    bgr: np.ndarray,
+    device: torch.device | str | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """``matte_pair`` of several same-size photos (video frames) against one plate, in one
+    forward pass; one dict of maps per photo."""
+    for src in srcs:
+        if src.shape != bgr.shape:
+            raise DetsegError(
+                f"source {src.shape[1]}x{src.shape[0]} and background plate {bgr.shape[1]}x"
+                f"{bgr.shape[0]} differ in size; use a plate of the same size or --resize-bgr."
+            )
     device = torch.device(device) if device is not None else _model_device(model)
     model = model.to(device).eval()
-    h, w = src.shape[:2]
-    s, b = _to_tensor(src, device), _to_tensor(bgr, device)
+    h, w = bgr.shape[:2]
+    s = torch.cat([_to_tensor(src, device) for src in srcs])
+    b = _to_tensor(bgr, device).expand_as(s)
     refine = isinstance(model, MattingRefine)
     if refine:
         pad = (0, -w % 4, 0, -h % 4)
         s, b = F.pad(s, pad, mode="replicate"), F.pad(b, pad, mode="replicate")
-    out = model(s, b)
+    with torch.no_grad():
+        out = model(s, b)
     pha, fgr, err = (out[0], out[1], out[4]) if refine else out[:3]
     full = s.shape[-2:]
     maps = {
@@ -87,7 +101,7 @@ def matte_pair(
     }
     if refine:
         maps["ref"] = F.interpolate(out[5], size=full, mode="nearest")
-    return {k: _to_numpy(v[0, :, :h, :w]) for k, v in maps.items()}
+    return [{k: _to_numpy(v[i, :, :h, :w]) for k, v in maps.items()} for i in range(len(srcs))]
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -231,10 +245,6 @@ def _fit_background(background: Background, size: tuple[int, int], resize: bool)
     return background
 
 
-def _gray_to_rgb(frame: np.ndarray) -> np.ndarray:
-    return frame if frame.ndim == 3 else np.repeat(frame[..., None], 3, axis=2)
-
-
 def _matte_video(
     model: nn.Module,
     source: Path,
@@ -245,31 +255,28 @@ def _matte_video(
     resize_bgr: bool,
     device: torch.device | str | None,
     progress: Progress | None,
+    batch_size: int = 8,
 ) -> list[Path]:
     info = video_info(source)
     size = (info.width, info.height)
     plate = _fit(plate, size, "background plate", resize_bgr)
     bg = _fit_background(VIDEO_GREEN if background is None else background, size, resize_bgr)
     targets = {kind: out_dir / kind / f"{source.stem}.mp4" for kind in kinds}
-    writers = {kind: VideoWriter(path, info.fps) for kind, path in targets.items()}
-    with contextlib.ExitStack() as stack:  # all files appear only if every frame succeeded
-        for writer in writers.values():
-            stack.enter_context(writer)
-        background_writer = stack.enter_context(BackgroundWriter())
-        frames = prefetch(read_frames(source))  # decode, infer and encode overlap
-        for n, frame in enumerate(frames, 1):
-            maps = matte_pair(model, frame, plate, device)
-            background_writer.submit(_write_frame, writers, maps, bg)
-            if progress is not None:
-                progress(n, info.frames)
+
+    def render_batch(frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        maps = matte_batch(model, frames, plate, device)
+        return [{kind: render(m, kind, bg) for kind in kinds} for m in maps]
+
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, info.frames)
+
+    map_video(source, targets, render_batch, batch_size, advance)
     return list(targets.values())
-
-
-def _write_frame(
-    writers: dict[str, VideoWriter], maps: dict[str, np.ndarray], background: Background
-) -> None:
-    for kind, writer in writers.items():
-        writer.write(_gray_to_rgb(render(maps, kind, background)))
 
 
 def matte(

@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from torchvision.models import densenet121, resnet34, resnet101
 from torchvision.models.resnet import BasicBlock
 
+from detseg.engine.export import OnnxSpec
 from detseg.errors import CheckpointError
+from detseg.ops.adaptive_pool import AdaptiveAvgPool2d
 from detseg.registry import OfficialFormat, register_model
 
 BACKBONES = ("r34", "r34_2b", "d121", "r101")
@@ -92,9 +94,7 @@ class PSPModule(nn.Module):
     def __init__(self, channels: int, out_channels: int, sizes: Sequence[int] = (1, 3, 5)) -> None:
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(
-                nn.AdaptiveAvgPool2d((s, s)), nn.Conv2d(channels, channels, 1, bias=False)
-            )
+            nn.Sequential(AdaptiveAvgPool2d((s, s)), nn.Conv2d(channels, channels, 1, bias=False))
             for s in sizes
         )
         self.bottleneck = nn.Conv2d(channels * (len(sizes) + 1), out_channels, 1)
@@ -335,6 +335,13 @@ class GFM(nn.Module):
         if self.backbone == "r34_2b":
             return x
         return torch.cat([x, feats[0]], 1)
+
+    def onnx_spec(self) -> OnnxSpec:
+        """The whole network; inputs are multiples of 32 (what the test-time resizing feeds)."""
+        return OnnxSpec(
+            size_multiple=32,
+            note="whole network; test-time resizing and the hybrid merge beside",
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         """See the class docstring for shapes; returns tensors only (exportable)."""

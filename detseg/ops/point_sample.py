@@ -44,6 +44,10 @@ def uncertain_points_on_grid(uncertainty: Tensor, num_points: int) -> tuple[Tens
     r, _, h, w = uncertainty.shape
     k = min(h * w, num_points)
     idx = torch.topk(uncertainty.view(r, h * w), k=k, dim=1)[1]
+    if torch.onnx.is_in_onnx_export():  # keep H, W symbolic: float(w) would freeze the trace size
+        x = ((idx % w).to(torch.float) + 0.5) / w
+        y = (torch.div(idx, w, rounding_mode="floor").to(torch.float) + 0.5) / h
+        return idx, torch.stack((x, y), dim=2)
     w_step, h_step = 1.0 / float(w), 1.0 / float(h)
     coords = torch.zeros(r, k, 2, dtype=torch.float, device=uncertainty.device)
     coords[:, :, 0] = w_step / 2.0 + (idx % w).to(torch.float) * w_step

@@ -257,8 +257,8 @@ class ESPNet(nn.Module):
         """
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % 8, -width % 8
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        # padding by zero is a no-op; padding always keeps the amounts symbolic in ONNX traces
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         feats = self.encoder.encode(x)
         y = self.up_l3(self.br(feats["logits"]))  # 1/4
         y = self.up_l2(self.combine_l2_l3(torch.cat([self.level3_C(feats["b2"]), y], 1)))  # 1/2

@@ -22,7 +22,7 @@ from detseg.engine.trainer import TrainConfig, Trainer
 from detseg.errors import DetsegError, InputFileError
 from detseg.semantic.losses import SegmentationLoss, enet_class_weights, semantic_loss
 from detseg.semantic.metrics import ConfusionMatrix
-from detseg.semantic.sliding import predict_semantic
+from detseg.semantic.sliding import predict_semantic, whole_batch_predict
 from detseg.semantic.visualize import overlay, palette_for
 
 if TYPE_CHECKING:
@@ -61,6 +61,25 @@ def segment(
         size_divisor=int(getattr(model, "size_divisor", 1)),
     )
     return result.labels.numpy()
+
+
+def segment_batch(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    preprocess: Preprocess,
+    device: torch.device | None = None,
+) -> list[np.ndarray]:
+    """Whole-image labels ((H, W) int64 each) of same-size (H, W, 3) uint8 RGB images, in one
+    forward pass (video frames)."""
+    results = whole_batch_predict(
+        model,
+        images,
+        preprocess,
+        _num_outputs(model),
+        device=device,
+        size_divisor=int(getattr(model, "size_divisor", 1)),
+    )
+    return [r.labels.numpy() for r in results]
 
 
 def _score(cm: ConfusionMatrix, class_names: Sequence[str], convention: str) -> dict[str, Any]:

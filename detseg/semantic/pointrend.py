@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detseg.engine.export import OnnxSpec
 from detseg.instance.pointrend import PointHead
 from detseg.ops.point_sample import (
     point_sample,
@@ -192,6 +193,15 @@ class DeepLabV3PlusPointRend(DeepLabV3Plus):
         fine = feats[self.low_name]
         high = resize_to(self.aspp(feats[self.high_name]), fine)
         return self.decoder(torch.cat([high, self.project(fine)], dim=1)), fine
+
+    def onnx_spec(self) -> OnnxSpec:
+        """The whole forward; valid for inputs whose first subdivision grid (H/2 x W/2) has at
+        least ``num_points`` cells, as the top-k of each step keeps a fixed k when traced."""
+        return OnnxSpec(
+            size_multiple=4,
+            min_pixels=4 * self.num_points,
+            note=f"whole network; inputs of >= {4 * self.num_points} pixels (fixed top-k)",
+        )
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor | PointLogits]:
         coarse, fine = self.coarse(x)

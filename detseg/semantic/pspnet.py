@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detseg.backbones import build_backbone
+from detseg.ops.adaptive_pool import AdaptiveAvgPool2d
 from detseg.registry import register_model
 from detseg.semantic.dilation import set_rates
 from detseg.semantic.heads import conv_bn_relu
@@ -53,7 +54,7 @@ class PyramidPooling(nn.Module):
         mid = branch_channels or in_ch // len(bins)
         self.align_corners = align_corners
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_ch, mid, 1)) for b in bins
+            nn.Sequential(AdaptiveAvgPool2d(b), conv_bn_relu(in_ch, mid, 1)) for b in bins
         )
         self.out_channels = in_ch + len(bins) * mid
 

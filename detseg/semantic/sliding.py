@@ -115,13 +115,43 @@ def whole_image_predict(
     The image is padded to a multiple of ``size_divisor`` and the logits cropped back to (H, W).
     ``device`` defaults to the model's. Returns labels and scores on the CPU.
     """
-    _check_image(image)
+    return whole_batch_predict(
+        model,
+        [image],
+        preprocess,
+        num_classes,
+        device=device,
+        size_divisor=size_divisor,
+        class_names=class_names,
+    )[0]
+
+
+def whole_batch_predict(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    preprocess: Preprocess,
+    num_classes: int,
+    *,
+    device: torch.device | str | None = None,
+    size_divisor: int = 1,
+    class_names: tuple[str, ...] = (),
+) -> list[SemanticResult]:
+    """``whole_image_predict`` of several (H, W, 3) uint8 RGB images of one size in one forward
+    pass (video frames); one result per image."""
+    for image in images:
+        _check_image(image)
+    if len({im.shape for im in images}) > 1:
+        raise ValueError("whole_batch_predict needs images of one size")
     device, dtype = _placement(model, device)
     with torch.inference_mode():
-        logits = _logits(model, preprocess(image)[None].to(device, dtype), size_divisor)
+        batch = torch.stack([preprocess(im) for im in images]).to(device, dtype)
+        logits = _logits(model, batch, size_divisor)
         _check_classes(logits, num_classes)
-        labels, scores = _decide(logits[0])
-    return SemanticResult(labels=labels.cpu(), scores=scores.cpu(), class_names=class_names)
+        decided = [_decide(one) for one in logits]
+    return [
+        SemanticResult(labels=labels.cpu(), scores=scores.cpu(), class_names=class_names)
+        for labels, scores in decided
+    ]
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

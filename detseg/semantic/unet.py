@@ -117,9 +117,9 @@ class UNet(nn.Module):
         h, w = x.shape[-2:]
         m = 2**self.depth
         pad_h, pad_w = (-h) % m, (-w) % m
-        if pad_h or pad_w:
-            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        # padding by zero is a no-op; padding always keeps the amounts symbolic in ONNX traces
+        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))

@@ -509,9 +509,9 @@ def test_retinanet_fpn_average_fusion_and_p6_p7_from_c5() -> None:
 
 def _onnx_max_diff(model: TensorMask, path: Path) -> float:
     pytest.importorskip("onnxruntime")
-    from detseg.engine.export import export_single_input
+    from detseg.engine.export import export_model
 
-    result = export_single_input(model, path, 64, 96)
+    result = export_model(model, path, 64, 96)
     assert len(result["outputs"]) == 18
     return max(result["max_abs_diff"].values())
 
