@@ -250,7 +250,18 @@ def _evaluate_matting(
 
 
 def train(task: str, **options: Any) -> dict[str, Any]:
-    """Train a model of ``task``; returns the run's summary (paths, first/last/best metrics)."""
+    """Train a model of ``task``; returns the run's summary (paths, first/last/best metrics).
+
+    Under ``torchrun`` every process calls this; they train one model data-parallel (see
+    ``detseg.engine.distributed``) and rank 0 writes the files.
+    """
+    from detseg.engine.distributed import distributed_session
+
+    with distributed_session(str(options.get("device", "auto"))):
+        return _train_task(task, **options)
+
+
+def _train_task(task: str, **options: Any) -> dict[str, Any]:
     if task == "semantic":
         from detseg.semantic.pipeline import train_semantic
 

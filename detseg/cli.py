@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from detseg import api
+from detseg.engine.distributed import is_main_process
 from detseg.engine.trainer import TrainingInterrupted
 from detseg.errors import DetsegError
 
@@ -155,9 +156,15 @@ def train_cmd(
     device: str = DeviceOpt,
     seed: int = typer.Option(0),
     workers: int = typer.Option(0, min=0),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-steps per optimizer step."),
+    sync_bn: bool = typer.Option(False, help="Under torchrun on GPUs: SyncBatchNorm."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Train a model; writes best/last checkpoints, history.json and curves.png to --out."""
+    """Train a model; writes best/last checkpoints, history.json and curves.png to --out.
+
+    --batch-size is the global batch of one optimizer step. Data-parallel on N GPUs or processes:
+    `torchrun --nproc-per-node N -m detseg train ...` (docs/scale.md).
+    """
     common = dict(
         model=model,
         data=data,
@@ -173,6 +180,8 @@ def train_cmd(
         num_workers=workers,
         progress=not as_json,
         weights=str(weights) if weights else None,
+        grad_accum=grad_accum,
+        sync_bn=sync_bn,
     )
     if task == "semantic":
         extra = dict(
@@ -202,6 +211,8 @@ def train_cmd(
     else:
         raise DetsegError(f"--task {task!r}: use semantic, detection, instance or matting.")
     summary = api.train(task, **common, **extra)
+    if not is_main_process():
+        return
     if as_json:
         _emit_json(summary)
     else:
