@@ -201,6 +201,16 @@ def predict(
     raise DetsegError(f"`detseg predict` does not support task {model.task!r} yet.")
 
 
+def predict_ray(
+    model: LoadedModel, source: str | Path, out_dir: str | Path, **options: Any
+) -> dict[str, Any]:
+    """Batch prediction on a Ray cluster into ``out_dir/results/*.parquet`` (resumable); the
+    options of ``detseg.engine.batch.predict_on_ray``. Returns the run's counts."""
+    from detseg.engine.batch import predict_on_ray
+
+    return predict_on_ray(model, source, out_dir, **options)
+
+
 def evaluate(task: str, **options: Any) -> dict[str, Any]:
     """Score a model on a dataset split, or saved predictions against labels."""
     if task == "semantic":

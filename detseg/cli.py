@@ -318,7 +318,9 @@ def eval_cmd(
 @app.command("predict")
 @user_errors
 def predict_cmd(
-    source: str = typer.Argument(..., help="Image file, folder or glob."),
+    source: str = typer.Argument(
+        ..., help="Image file, folder or glob; --backend ray also takes a .txt or .parquet list."
+    ),
     task: str = typer.Option(None, help="Optional check: the model's task must be this one."),
     model: str = typer.Option(None, help="Registered model name."),
     weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
@@ -334,11 +336,26 @@ def predict_cmd(
     match: str = typer.Option("iou", help="detection: iou or ios match metric."),
     full_image: bool = typer.Option(False, help="detection: add a whole-image pass to slices."),
     save_coco: Path = typer.Option(None, help="detection: write a COCO results JSON."),
+    max_size: int = typer.Option(None, min=32, help="detection/instance: longest input side."),
+    backend: str = typer.Option("local", help="local (this process) or ray (Ray Data)."),
+    address: str = typer.Option(None, help="ray: cluster to join ('auto'); none starts one."),
+    actors: int = typer.Option(None, min=1, help="ray: model copies (default: GPUs or CPUs)."),
+    num_cpus: int = typer.Option(None, min=1, help="ray: CPUs of a local cluster."),
+    rows_per_batch: int = typer.Option(8, min=1, help="ray: images per actor call."),
+    pictures: bool = typer.Option(False, help="ray: also draw results into --out/pictures."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection)."""
-    loaded = api.load_model(model, weights, device)
+    """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection).
+
+    --backend ray writes Parquet rows to --out/results instead (docs/scale.md); a rerun skips
+    the inputs already there.
+    """
+    if backend not in ("local", "ray"):
+        raise DetsegError(f"--backend {backend!r}: use local or ray.")
+    if backend == "ray" and save_coco is not None:
+        raise DetsegError("--save-coco is for --backend local; Ray writes Parquet rows.")
+    loaded = api.load_model(model, weights, "cpu" if backend == "ray" else device)
     if task is not None and task != loaded.task:
         raise DetsegError(f"--task {task}: model {loaded.name!r} is a {loaded.task} model.")
     if weights is None and not as_json:
@@ -352,10 +369,31 @@ def predict_cmd(
             match=match,
             full_image=full_image,
             batch_size=batch_size,
-            save_coco=save_coco,
+            **({"max_size": max_size} if max_size else {}),
         )
     else:
         options = dict(sliding=sliding, crop=crop, stride=stride, batch_size=batch_size)
+    if backend == "ray":
+        summary = api.predict_ray(
+            loaded,
+            source,
+            out,
+            address=address,
+            actors=actors,
+            num_cpus=num_cpus,
+            rows_per_batch=rows_per_batch,
+            pictures=pictures,
+            device=device,
+            progress=not as_json,
+            **options,
+        )
+        if as_json:
+            _emit_json(summary)
+        else:
+            console.print(summary)
+        return
+    if loaded.task in ("detection", "instance"):
+        options["save_coco"] = save_coco
     records = api.predict(loaded, source, out, progress=not as_json, **options)
     if as_json:
         _emit_json({"model": loaded.name, "images": records})

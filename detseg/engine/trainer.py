@@ -454,7 +454,9 @@ class Trainer:
         }
 
     def _announce(self, progress: bool) -> None:
-        if not (progress and self.is_main):
+        """One stderr line on how the global batch is split (only when it is split)."""
+        split = self.world_size > 1 or self.cfg.grad_accum > 1
+        if not (progress and split and self.is_main):
             return
         from detseg.engine.progress import stderr_console
 
