@@ -28,8 +28,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from detseg.data.images import list_images, read_image, write_image
 from detseg.engine.device import resolve_device
 from detseg.errors import DetsegError, InputFileError
@@ -176,14 +174,16 @@ def _write_part(out_dir: Path, run_id: str, index: int, table: pa.Table) -> Path
     return target
 
 
-def _start_ray(address: str | None, num_cpus: int | None, quiet: bool) -> Any:
+def _start_ray(address: str | None, num_cpus: int | None, quiet: bool) -> tuple[Any, bool]:
+    """(the ray module, whether this call connected it: then the caller shuts it down)."""
     try:
         import ray
     except ImportError as exc:
         raise DetsegError(
             "--backend ray needs Ray Data: pip install 'detseg[ray]' (or 'ray[data]')."
         ) from exc
-    if not ray.is_initialized():
+    connect = not ray.is_initialized()
+    if connect:
         if address is None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
         else:
@@ -195,7 +195,7 @@ def _start_ray(address: str | None, num_cpus: int | None, quiet: bool) -> Any:
                     "`ray start --head` or drop --address for a local one."
                 ) from exc
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
-    return ray
+    return ray, connect
 
 
 def _pool(ray: Any, device: str, actors: int | None) -> tuple[int, float, float]:
@@ -255,30 +255,52 @@ def predict_on_ray(
         "results": str(out / RESULTS),
     }
     if todo:
-        ray = _start_ray(address, num_cpus, quiet=not progress)
-        size, gpus, cpus = _pool(ray, device, actors)
-        loaded.model.to("cpu")
-        loaded.device = resolve_device("cpu")
-        ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
-            PredictBatch,
-            batch_size=rows_per_batch,
-            batch_format="pyarrow",
-            concurrency=size,
-            num_gpus=gpus,
-            num_cpus=cpus,
-            fn_constructor_kwargs={
-                "loaded_ref": [ray.put(loaded)],
-                "options": options,
-                "device": device,
-                "pictures_dir": str(out / PICTURES) if pictures else None,
-            },
-        )
-        run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        for index, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
-            _write_part(out, run_id, index, table)
-            errors = int(np.sum(table.column("error").is_valid().to_numpy(zero_copy_only=False)))
-            summary["errors"] += errors
-            summary["predicted"] += table.num_rows - errors
-        summary["actors"] = size
+        ray, connected = _start_ray(address, num_cpus, quiet=not progress)
+        try:
+            summary.update(
+                _run_pool(ray, loaded, todo, out, device, actors, rows_per_batch, pictures, options)
+            )
+        finally:
+            if connected:
+                ray.shutdown()
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _run_pool(
+    ray: Any,
+    loaded: LoadedModel,
+    todo: list[str],
+    out: Path,
+    device: str,
+    actors: int | None,
+    rows_per_batch: int,
+    pictures: bool,
+    options: Mapping[str, Any],
+) -> dict[str, int]:
+    """Predict ``todo`` on an actor pool, writing each finished block; the counts."""
+    size, gpus, cpus = _pool(ray, device, actors)
+    loaded.model.to("cpu")
+    loaded.device = resolve_device("cpu")
+    ds = ray.data.from_items([{"path": p} for p in todo]).map_batches(
+        PredictBatch,
+        batch_size=rows_per_batch,
+        batch_format="pyarrow",
+        concurrency=size,
+        num_gpus=gpus,
+        num_cpus=cpus,
+        fn_constructor_kwargs={
+            "loaded_ref": [ray.put(loaded)],
+            "options": dict(options),
+            "device": device,
+            "pictures_dir": str(out / PICTURES) if pictures else None,
+        },
+    )
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    counts = {"predicted": 0, "errors": 0, "actors": size}
+    for index, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+        _write_part(out, run_id, index, table)
+        errors = table.num_rows - table.column("error").null_count
+        counts["errors"] += errors
+        counts["predicted"] += table.num_rows - errors
+    return counts

@@ -57,7 +57,9 @@ class TrainConfig:
         batch_size: items per optimizer step over all processes (the global batch).
         grad_accum: micro-steps per optimizer step (gradients accumulated between them).
         sync_bn: under DDP, BatchNorm statistics over the global micro-batch (CUDA only).
-        find_unused_parameters: under DDP, tolerate parameters a step leaves unused.
+        find_unused_parameters: under DDP, tolerate parameters a step leaves unused (on by
+            default so that every task trains, e.g. heads a loss skips; off saves one autograd
+            graph walk per step).
     """
 
     out_dir: str = "runs/train"
@@ -77,7 +79,7 @@ class TrainConfig:
     grad_clip: float | None = None
     grad_accum: int = 1
     sync_bn: bool = False
-    find_unused_parameters: bool = False
+    find_unused_parameters: bool = True
 
 
 @dataclass

@@ -22,14 +22,14 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 FILES = ("best.safetensors", "last.safetensors", "last.state.safetensors", "history.json")
 
 
-def _torchrun(jobs: list[dict], tmp: Path, nproc: int = 2) -> None:
-    spec = tmp / "jobs.json"
-    spec.write_text(json.dumps(jobs))
+def _torchrun(*args: str, nproc: int = 2) -> str:
+    """stdout of ``torchrun --standalone --nproc-per-node nproc ARGS`` (which must succeed)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", str(WORKER), str(spec)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    cmd += [f"--nproc-per-node={nproc}", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -53,14 +53,13 @@ def runs(tmp_path_factory) -> Path:
     for name, steps in (("single4", 4), ("single6", 6)):
         run_job({"out": str(tmp / name), "steps": steps})
     run_job({"out": str(tmp / "one_to_two"), "steps": 6, "interrupt_at": 3})
-    _torchrun(
-        [
-            {"out": str(tmp / "ddp4"), "steps": 4, "per_rank_out": True},
-            {"out": str(tmp / "two_to_one"), "steps": 6, "interrupt_at": 3},
-            {"out": str(tmp / "one_to_two"), "steps": 6, "resume": True, "grad_accum": 2},
-        ],
-        tmp,
-    )
+    jobs = [
+        {"out": str(tmp / "ddp4"), "steps": 4, "per_rank_out": True},
+        {"out": str(tmp / "two_to_one"), "steps": 6, "interrupt_at": 3},
+        {"out": str(tmp / "one_to_two"), "steps": 6, "resume": True, "grad_accum": 2},
+    ]
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    _torchrun(str(WORKER), str(tmp / "jobs.json"))
     return tmp
 
 
@@ -135,3 +134,20 @@ def test_launch_env_reads_torchrun_variables():
     with pytest.raises(DetsegError, match="integers"):
         distributed.launch_env({"RANK": "x", "WORLD_SIZE": "2"})
     assert distributed.backend_for("cpu") == "gloo"
+
+
+def test_detseg_train_under_torchrun(tmp_path):
+    """`torchrun -m detseg train`: one model trained by 2 processes, one summary printed and saved."""
+    from detseg.semantic.demo import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "shapes", train=4, val=2, size=32)
+    out = tmp_path / "run"
+    args = ["-m", "detseg", "train", "--model", "unet", "--model-arg", "base_channels=8"]
+    args += ["--model-arg", "depth=2", "--data", str(data), "--num-classes", "4"]
+    args += ["--ignore-index", "255", "--steps", "2", "--batch-size", "4", "--crop", "32"]
+    args += ["--eval-every", "0", "--device", "cpu", "--out", str(out), "--json"]
+    lines = [line for line in _torchrun(*args).splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    assert json.loads(lines[0])["steps"] == 2
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert _history(out)["scale"]["world_size"] == 2
