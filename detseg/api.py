@@ -399,9 +399,15 @@ def convert(
 def _train_matting(
     *, model: str, backgrounds: str | Path, val_limit: int | None = None, **options: Any
 ) -> dict[str, Any]:
-    """BackgroundMattingV2 training (base stage, or refine stage from a base ``weights``)."""
+    """BackgroundMattingV2 (base stage, or refine stage from a base ``weights``) or GFM training."""
+    if model.startswith("gfm"):
+        from detseg.matting.gfm_train import train_gfm
+
+        return train_gfm(model=model, backgrounds=backgrounds, val_limit=val_limit, **options)
     if not model.startswith("bgmv2"):
-        raise DetsegError(f"`detseg train --task matting` trains bgmv2_* models, not {model!r}.")
+        raise DetsegError(
+            f"`detseg train --task matting` trains bgmv2_* and gfm_* models, not {model!r}."
+        )
     from detseg.matting.bgmv2_training import train_bgmv2
 
     return train_bgmv2(model=model, backgrounds=backgrounds, val_limit=val_limit, **options)

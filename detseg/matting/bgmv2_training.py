@@ -544,6 +544,7 @@ def train_bgmv2(
     per-module LRs; the trainer has one).
     """
     from detseg.checkpoint import CheckpointMeta
+    from detseg.engine.summary import fit_and_summarise
     from detseg.engine.trainer import TrainConfig, Trainer
 
     if batch_size < 2:
@@ -589,17 +590,4 @@ def train_bgmv2(
         higher_is_better=False,
         meta=CheckpointMeta(model=model, kwargs=kwargs),
     )
-    if not resume:
-        trainer.evaluate()  # the starting point of the SAD curve
-    history = trainer.fit(resume=resume, progress=progress)
-    return {
-        "out_dir": str(out_dir),
-        "steps": trainer.step,
-        "first_train": history.train[0] if history.train else None,
-        "last_train": history.train[-1] if history.train else None,
-        "first_eval": history.evals[0] if history.evals else None,
-        "last_eval": history.evals[-1] if history.evals else None,
-        "best_step": history.best_step,
-        "best_SAD": history.best_value,
-        "checkpoints": [str(Path(out_dir) / n) for n in ("best.safetensors", "last.safetensors")],
-    }
+    return fit_and_summarise(trainer, resume=resume, progress=progress)

@@ -86,11 +86,13 @@ class RSSNMattingDataset(Dataset):
         alpha_dir: str | Path,
         background_dir: str | Path,
         foreground_dir: str | Path | None = None,
+        max_side: int | None = None,
         **kwargs: Any,
     ) -> RSSNMattingDataset:
         """Dataset from same-named photos and alphas (+ optional foreground colour files) and a
         folder of backgrounds; without ``foreground_dir`` the colours are estimated with
-        pymatting's ``estimate_foreground_ml``. ``kwargs`` go to the constructor.
+        pymatting's ``estimate_foreground_ml``. ``max_side`` first shrinks every loaded image to
+        that longest side (CPU budgets). ``kwargs`` go to the constructor.
         """
         photos = _by_stem(image_dir)
         alphas = _by_stem(alpha_dir)
@@ -100,16 +102,16 @@ class RSSNMattingDataset(Dataset):
                 f"{len(missing)} photo(s) have no same-named alpha, e.g. {missing[0]}."
             )
         names = sorted(photos)
-        alpha_maps = [metrics.read_matte(alphas[n]) for n in names]
+        alpha_maps = [shrink_to(metrics.read_matte(alphas[n]), max_side) for n in names]
         if foreground_dir is not None:
             fgs = _by_stem(foreground_dir)
-            foregrounds = [read_image(fgs[n]) for n in names]
+            foregrounds = [shrink_to(read_image(fgs[n]), max_side) for n in names]
         else:
             foregrounds = [
-                estimate_foreground(read_image(photos[n]), a)
+                estimate_foreground(shrink_to(read_image(photos[n]), max_side), a)
                 for n, a in zip(names, alpha_maps, strict=True)
             ]
-        backgrounds = [read_image(p) for p in list_images(background_dir)]
+        backgrounds = [shrink_to(read_image(p), max_side) for p in list_images(background_dir)]
         return cls(foregrounds, alpha_maps, backgrounds, **kwargs)
 
     def __len__(self) -> int:
@@ -152,6 +154,16 @@ class RSSNMattingDataset(Dataset):
             i = int(rng.integers(ys.size))
             return int(ys[i]), int(xs[i]), side
         return int(rng.integers(h - side)), int(rng.integers(w - side)), side
+
+
+def shrink_to(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``image`` (H, W[, C]) resized (area) so its longest side is at most ``max_side``."""
+    h, w = image.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def _by_stem(folder: str | Path) -> dict[str, Path]:
