@@ -219,6 +219,16 @@ def predict(
     raise DetsegError(f"`detseg predict` does not support task {model.task!r} yet.")
 
 
+def predict_ray(
+    model: LoadedModel, source: str | Path, out_dir: str | Path, **options: Any
+) -> dict[str, Any]:
+    """Batch prediction on a Ray cluster into ``out_dir/results/*.parquet`` (resumable); the
+    options of ``detseg.engine.batch.predict_on_ray``. Returns the run's counts."""
+    from detseg.engine.batch import predict_on_ray
+
+    return predict_on_ray(model, source, out_dir, **options)
+
+
 def evaluate(task: str, **options: Any) -> dict[str, Any]:
     """Score a model on a dataset split, or saved predictions against labels."""
     if task == "semantic":
@@ -268,7 +278,18 @@ def _evaluate_matting(
 
 
 def train(task: str, **options: Any) -> dict[str, Any]:
-    """Train a model of ``task``; returns the run's summary (paths, first/last/best metrics)."""
+    """Train a model of ``task``; returns the run's summary (paths, first/last/best metrics).
+
+    Under ``torchrun`` every process calls this; they train one model data-parallel (see
+    ``detseg.engine.distributed``) and rank 0 writes the files.
+    """
+    from detseg.engine.distributed import distributed_session
+
+    with distributed_session(str(options.get("device", "auto"))):
+        return _train_task(task, **options)
+
+
+def _train_task(task: str, **options: Any) -> dict[str, Any]:
     if task == "semantic":
         from detseg.semantic.pipeline import train_semantic
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from detseg import api
+from detseg.engine.distributed import is_main_process
 from detseg.engine.trainer import TrainingInterrupted
 from detseg.errors import DetsegError
 
@@ -157,9 +158,15 @@ def train_cmd(
     device: str = DeviceOpt,
     seed: int = typer.Option(0),
     workers: int = typer.Option(0, min=0),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-steps per optimizer step."),
+    sync_bn: bool = typer.Option(False, help="Under torchrun on GPUs: SyncBatchNorm."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Train a model; writes best/last checkpoints, history.json and curves.png to --out."""
+    """Train a model; writes best/last checkpoints, history.json and curves.png to --out.
+
+    --batch-size is the global batch of one optimizer step. Data-parallel on N GPUs or processes:
+    `torchrun --nproc-per-node N -m detseg train ...` (docs/scale.md).
+    """
     common = dict(
         model=model,
         data=data,
@@ -175,6 +182,8 @@ def train_cmd(
         num_workers=workers,
         progress=not as_json,
         weights=str(weights) if weights else None,
+        grad_accum=grad_accum,
+        sync_bn=sync_bn,
     )
     if task == "semantic":
         extra = dict(
@@ -204,6 +213,8 @@ def train_cmd(
     else:
         raise DetsegError(f"--task {task!r}: use semantic, detection, instance or matting.")
     summary = api.train(task, **common, **extra)
+    if not is_main_process():
+        return
     if as_json:
         _emit_json(summary)
     else:
@@ -316,7 +327,10 @@ def eval_cmd(
 @app.command("predict")
 @user_errors
 def predict_cmd(
-    source: str = typer.Argument(..., help="Image file, folder, glob or video."),
+    source: str = typer.Argument(
+        ...,
+        help="Image file, folder, glob or video; --backend ray also takes a .txt or .parquet list.",
+    ),
     task: str = typer.Option(None, help="Optional check: the model's task must be this one."),
     model: str = typer.Option(None, help="Registered model name."),
     weights: Path = typer.Option(None, help="Our checkpoint or an official file."),
@@ -337,15 +351,34 @@ def predict_cmd(
     runtime: str = typer.Option("torch", help="torch, or onnx (runs the --onnx file)."),
     onnx: Path = typer.Option(None, help="An ONNX file written by `detseg export`."),
     bgr: Path = typer.Option(None, help="BGMv2 video: the clean background plate."),
+    max_size: int = typer.Option(None, min=32, help="detection/instance: longest input side."),
+    backend: str = typer.Option("local", help="local (this process) or ray (Ray Data)."),
+    address: str = typer.Option(None, help="ray: cluster to join ('auto'); none starts one."),
+    actors: int = typer.Option(None, min=1, help="ray: model copies (default: GPUs or CPUs)."),
+    num_cpus: int = typer.Option(None, min=1, help="ray: CPUs of a local cluster."),
+    rows_per_batch: int = typer.Option(8, min=1, help="ray: images per actor call."),
+    pictures: bool = typer.Option(False, help="ray: also draw results into --out/pictures."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Predict: overlays + label PNGs (semantic), boxes drawn with scores (detection); a video
-    gives an annotated video (every task)."""
+    gives an annotated video (every task).
+
+    --backend ray writes Parquet rows to --out/results instead (docs/scale.md); a rerun skips
+    the inputs already there.
+    """
+    if backend not in ("local", "ray"):
+        raise DetsegError(f"--backend {backend!r}: use local or ray.")
+    if backend == "ray" and (save_coco is not None or onnx is not None):
+        raise DetsegError(
+            "--save-coco and --onnx are for --backend local; Ray writes Parquet rows."
+        )
     if runtime not in ("torch", "onnx") or (runtime == "onnx") != (onnx is not None):
         raise DetsegError("use --runtime torch, or --runtime onnx with --onnx FILE.onnx.")
     if onnx is not None:
         loaded = api.load_onnx(onnx, device)
+    elif backend == "ray":  # shipped to the actors, whose predictors take the fast path
+        loaded = api.load_model(model, weights, "cpu")
     else:
         loaded = api.fast_model(api.load_model(model, weights, device), exact, precision)
     if task is not None and task != loaded.task:
@@ -361,10 +394,33 @@ def predict_cmd(
             match=match,
             full_image=full_image,
             batch_size=batch_size,
-            save_coco=save_coco,
+            **({"max_size": max_size} if max_size else {}),
         )
     else:
         options = dict(sliding=sliding, crop=crop, stride=stride, batch_size=batch_size)
+    if backend == "ray":
+        summary = api.predict_ray(
+            loaded,
+            source,
+            out,
+            address=address,
+            actors=actors,
+            num_cpus=num_cpus,
+            rows_per_batch=rows_per_batch,
+            pictures=pictures,
+            device=device,
+            progress=not as_json,
+            exact=exact,
+            precision=precision,
+            **options,
+        )
+        if as_json:
+            _emit_json(summary)
+        else:
+            console.print(summary)
+        return
+    if loaded.task in ("detection", "instance"):
+        options["save_coco"] = save_coco
     if bgr is not None:
         options["bgr"] = bgr
     records = api.predict(loaded, source, out, progress=not as_json, **options)

@@ -33,6 +33,7 @@ from detseg.detection.coco_eval import (
 )
 from detseg.detection.fcos_training import collate_detection, fcos_evaluate_fn, fcos_loss
 from detseg.detection.sliced import DetectFn, SliceConfig, batched_detector, sliced_predict
+from detseg.engine.distributed import is_main_process, rank_world
 from detseg.engine.prefetch import BackgroundWriter, prefetch
 from detseg.engine.progress import count_progress
 from detseg.engine.trainer import TrainConfig, Trainer
@@ -402,6 +403,8 @@ def train_detection(
     model_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     log_every: int = 10,
+    grad_accum: int = 1,
+    sync_bn: bool = False,
 ) -> dict[str, Any]:
     """Train a detector on ``data`` (COCO / VIA / YOLO, see the module docstring); run summary.
 
@@ -415,6 +418,8 @@ def train_detection(
     train_set = load_split(data, split, class_name)
     val_set = _subset(load_split(data, val_split, class_name), val_limit) if val_split else None
     if model == "hog_svm":
+        if rank_world()[1] > 1:
+            raise DetsegError("hog_svm trains in one process; run it without torchrun.")
         summary = _train_hog_svm(train_set, val_set, out, seed, dict(model_kwargs or {}), progress)
     else:
         summary = _train_fcos(
@@ -436,6 +441,8 @@ def train_detection(
                 device=device,
                 num_workers=num_workers,
                 grad_clip=grad_clip,
+                grad_accum=grad_accum,
+                sync_bn=sync_bn,
             ),
             max_size=max_size,
             weights=weights,
@@ -446,7 +453,8 @@ def train_detection(
     summary.update({"train_data": str(train_set.source), "train_images": len(train_set.images)})
     if val_set is not None:
         summary.update({"val_data": str(val_set.source), "val_images": len(val_set.images)})
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    if is_main_process():
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

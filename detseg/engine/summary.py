@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from detseg.engine.distributed import is_main_process
 from detseg.engine.trainer import Trainer
+from detseg.fileio import write_text_atomic
 
 
 def fit_and_summarise(
@@ -34,6 +36,6 @@ def fit_and_summarise(
         "checkpoints": [str(out_dir / n) for n in ("best.safetensors", "last.safetensors")],
         "curves": str(out_dir / "curves.png"),
     }
-    if out_dir.is_dir():
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if out_dir.is_dir() and is_main_process():
+        write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -5,8 +5,13 @@ item is fetched after seeding python/numpy/torch from its step and slot, and the
 ops are seeded per step), so a run stopped after step k and resumed produces the same loss curve as
 one that never stopped. The optimizer and schedule states travel in ``last.state.safetensors``.
 
-The loop has no global state of its own: rank and world size come from ``torch.distributed`` when it
-is initialised (``torchrun``), and only rank 0 logs and writes files.
+Under ``torchrun`` (see ``detseg.engine.distributed``) the same loop is data-parallel: the model is
+wrapped in DDP, ``batch_size`` stays the *global* batch of one optimizer step, split into
+``batch_size / (world_size * grad_accum)`` items per process and micro-step, and item ``j`` of step
+``s`` is the same image with the same augmentation draw whatever the process count. So a run gives
+the same parameters (up to float summation order) on 1 or N processes, and its checkpoint resumes
+on any process count. Only rank 0 evaluates, logs and writes files; logged losses are averaged
+over ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from detseg.checkpoint import CheckpointMeta, load_tensors, save_checkpoint, save_tensors
+from detseg.engine import distributed
 from detseg.engine.device import resolve_device
 from detseg.errors import DetsegError
 from detseg.fileio import write_text_atomic
@@ -48,6 +54,12 @@ class TrainConfig:
         schedule: "poly" (power 0.9), "cosine" or "constant", after ``warmup_steps`` linear warm-up.
         eval_every: steps between evaluations (0: only at the end).
         grad_clip: max gradient norm, or None.
+        batch_size: items per optimizer step over all processes (the global batch).
+        grad_accum: micro-steps per optimizer step (gradients accumulated between them).
+        sync_bn: under DDP, BatchNorm statistics over the global micro-batch (CUDA only).
+        find_unused_parameters: under DDP, tolerate parameters a step leaves unused (on by
+            default so that every task trains, e.g. heads a loss skips; off saves one autograd
+            graph walk per step).
     """
 
     out_dir: str = "runs/train"
@@ -65,6 +77,9 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     grad_clip: float | None = None
+    grad_accum: int = 1
+    sync_bn: bool = False
+    find_unused_parameters: bool = True
 
 
 @dataclass
@@ -101,43 +116,51 @@ class _SeededItems(Dataset):
 
 
 class _StepBatches(Sampler[list[tuple[int, int]]]):
-    """Batches for steps ``start..stop-1`` of an endless stream of per-epoch permutations."""
+    """Micro-batches of this rank for steps ``start..stop-1`` of an endless stream of per-epoch
+    permutations.
+
+    Step ``s`` covers positions ``s * global_batch + j`` (``j`` < ``global_batch``) of the stream;
+    slot ``j = (micro_step * world_size + rank) * micro_batch + i``, and its item seed depends on
+    ``(seed, s, j)`` only, so the data of a step does not depend on how it is split.
+    """
 
     def __init__(
         self,
         n: int,
-        batch_size: int,
+        micro_batch: int,
         seed: int,
         start: int,
         stop: int,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum: int = 1,
     ) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.micro_batch, self.seed = n, micro_batch, seed
         self.start, self.stop, self.rank, self.world_size = start, stop, rank, world_size
+        self.grad_accum = grad_accum
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        global_batch = self.batch_size * self.world_size
+        global_batch = self.micro_batch * self.world_size * self.grad_accum
         perm_cache: dict[int, torch.Tensor] = {}
         for step in range(self.start, self.stop):
-            batch = []
-            for slot in range(self.batch_size):
-                position = step * global_batch + self.rank * self.batch_size + slot
-                epoch, offset = divmod(position, self.n)
-                if epoch not in perm_cache:
-                    perm_cache = {
-                        epoch: torch.randperm(
-                            self.n, generator=torch.Generator().manual_seed(self.seed + epoch)
-                        )
-                    }
-                index = int(perm_cache[epoch][offset])
-                batch.append(
-                    (index, _item_seed(self.seed, step, self.rank * self.batch_size + slot))
-                )
-            yield batch
+            for micro in range(self.grad_accum):
+                batch = []
+                for i in range(self.micro_batch):
+                    slot = (micro * self.world_size + self.rank) * self.micro_batch + i
+                    epoch, offset = divmod(step * global_batch + slot, self.n)
+                    if epoch not in perm_cache:
+                        perm_cache = {
+                            epoch: torch.randperm(
+                                self.n, generator=torch.Generator().manual_seed(self.seed + epoch)
+                            )
+                        }
+                    batch.append(
+                        (int(perm_cache[epoch][offset]), _item_seed(self.seed, step, slot))
+                    )
+                yield batch
 
     def __len__(self) -> int:
-        return max(self.stop - self.start, 0)
+        return max(self.stop - self.start, 0) * self.grad_accum
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -217,7 +240,14 @@ class Trainer:
     ) -> None:
         self.cfg = config
         self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
+        self.rank, self.world_size = distributed.rank_world()
+        self.micro_batch = _micro_batch(config, self.world_size)
+        self.model = distributed.wrap_model(
+            model.to(self.device),
+            self.device,
+            sync_bn=config.sync_bn,
+            find_unused=config.find_unused_parameters,
+        )
         self.train_set = train_set
         self.loss_fn, self.evaluate_fn = loss_fn, evaluate_fn
         self.collate_fn = collate_fn or default_collate
@@ -225,7 +255,6 @@ class Trainer:
         self.meta = meta or CheckpointMeta(model=type(model).__name__)
         self.on_log = list(on_log)
         self.out_dir = Path(config.out_dir)
-        self.rank, self.world_size = _dist_rank_world()
         if len(train_set) == 0:  # type: ignore[arg-type]
             raise DetsegError("the training set is empty; check --data and --split.")
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -251,7 +280,7 @@ class Trainer:
     def _save(self, name: str) -> None:
         if not self.is_main:
             return
-        net = getattr(self.model, "module", self.model)
+        net = distributed.unwrap(self.model)
         meta = CheckpointMeta(
             **{**self.meta.__dict__, "extra": {**self.meta.extra, "step": self.step}}
         )
@@ -279,7 +308,7 @@ class Trainer:
 
         weights, _ = read_state_dict(self.out_dir / "last.safetensors")
         load_state_dict_strict(
-            getattr(self.model, "module", self.model),
+            distributed.unwrap(self.model),
             weights,
             str(self.out_dir / "last.safetensors"),
             self.meta.model,
@@ -293,13 +322,14 @@ class Trainer:
     # -- loop --------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         sampler = _StepBatches(
-            len(self.train_set),
-            self.cfg.batch_size,
-            self.cfg.seed,  # type: ignore[arg-type]
+            len(self.train_set),  # type: ignore[arg-type]
+            self.micro_batch,
+            self.cfg.seed,
             self.step,
             self.cfg.max_steps,
             self.rank,
             self.world_size,
+            self.cfg.grad_accum,
         )
         return DataLoader(
             _SeededItems(self.train_set),
@@ -313,13 +343,21 @@ class Trainer:
             callback(record)
 
     def evaluate(self) -> dict[str, float]:
-        """Run ``evaluate_fn`` in eval mode; records it and updates ``best``."""
+        """Run ``evaluate_fn`` in eval mode; records it and updates ``best``.
+
+        Under DDP rank 0 evaluates the bare network and the others receive its metrics.
+        """
         if self.evaluate_fn is None:
             return {}
-        self.model.eval()
-        with torch.no_grad():
-            metrics = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
-        self.model.train()
+        metrics: dict[str, float] | None = None
+        if self.is_main:
+            net = distributed.unwrap(self.model)
+            net.eval()
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in self.evaluate_fn(net).items()}
+            self.model.train()
+        metrics = distributed.broadcast_from_main(metrics)
+        assert metrics is not None
         record = {"step": float(self.step), **metrics}
         self.history.evals.append(record)
         self._log({"kind": 1.0, **record})
@@ -332,14 +370,27 @@ class Trainer:
                 self._save("best")
         return metrics
 
-    def _train_step(self, batch: Any) -> dict[str, float]:
-        torch.manual_seed(_item_seed(self.cfg.seed, self.step, 10_007))
-        batch = to_device(batch, self.device)
-        loss, parts = self.loss_fn(self.model, batch)
-        if not torch.isfinite(loss):
-            raise DetsegError(f"the loss became {loss.item()} at step {self.step}; lower --lr.")
+    def _train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]:
+        """One optimizer step over this rank's ``grad_accum`` micro-batches."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        accum = len(micro_batches)
+        sums: torch.Tensor | None = None
+        names: list[str] = []
+        for k, batch in enumerate(micro_batches):
+            stream = 10_007 + self.rank * accum + k  # the model's own random ops, per micro-step
+            torch.manual_seed(_item_seed(self.cfg.seed, self.step, stream))
+            with distributed.no_sync(self.model, skip=k < accum - 1):
+                loss, parts = self.loss_fn(self.model, to_device(batch, self.device))
+                (loss / accum).backward()
+            names = sorted(parts)
+            values = torch.tensor(
+                [float(loss.detach())] + [float(parts[n]) for n in names], dtype=torch.float64
+            )
+            sums = values if sums is None else sums + values
+        assert sums is not None
+        means = distributed.mean_across_ranks(sums / accum).tolist()
+        if not math.isfinite(means[0]):
+            raise DetsegError(f"the loss became {means[0]} at step {self.step}; lower --lr.")
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -348,9 +399,9 @@ class Trainer:
         self.step += 1
         return {
             "step": float(self.step),
-            "loss": float(loss.detach()),
+            "loss": means[0],
             "lr": float(lr),
-            **{k: float(v) for k, v in parts.items()},
+            **dict(zip(names, means[1:], strict=True)),
         }
 
     def fit(self, resume: bool = False, progress: bool = True) -> History:
@@ -364,13 +415,15 @@ class Trainer:
         self.model.train()
         from detseg.engine.progress import step_progress
 
+        self._announce(progress)
         started = time.perf_counter()
         try:
             with step_progress(
                 self.cfg.max_steps, self.step, enabled=progress and self.is_main
             ) as bar:
-                for batch in self._loader():
-                    record = self._train_step(batch)
+                micro_batches = iter(self._loader())
+                for step_batches in zip(*[micro_batches] * self.cfg.grad_accum, strict=False):
+                    record = self._train_step(step_batches)
                     if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
                         self.history.train.append(record)
                         self._log(record)
@@ -391,17 +444,57 @@ class Trainer:
         self._write_history(time.perf_counter() - started)
         return self.history
 
+    def scale(self) -> dict[str, Any]:
+        """How the global batch is made: processes, items per process and micro-step, lr."""
+        return {
+            "world_size": self.world_size,
+            "backend": torch.distributed.get_backend() if self.world_size > 1 else None,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.cfg.grad_accum,
+            "global_batch": self.cfg.batch_size,
+            "lr": self.cfg.lr,
+        }
+
+    def _announce(self, progress: bool) -> None:
+        """One stderr line on how the global batch is split (only when it is split)."""
+        split = self.world_size > 1 or self.cfg.grad_accum > 1
+        if not (progress and split and self.is_main):
+            return
+        from detseg.engine.progress import stderr_console
+
+        s = self.scale()
+        where = (
+            f"{s['world_size']} processes ({s['backend']})" if s["world_size"] > 1 else "1 process"
+        )
+        stderr_console.print(
+            f"training on {where}, {self.device.type}: global batch {s['global_batch']} = "
+            f"{s['micro_batch']} per process x {s['world_size']} x {s['grad_accum']} "
+            f"accumulation; lr {s['lr']:g} ({self.cfg.optimizer}, {self.cfg.schedule})"
+        )
+
     def _write_history(self, seconds: float | None = None) -> None:
         if not self.is_main:
             return
-        payload = {**asdict(self.history), "seconds": seconds, "config": asdict(self.cfg)}
+        payload = {
+            **asdict(self.history),
+            "seconds": seconds,
+            "config": asdict(self.cfg),
+            "scale": self.scale(),
+        }
         write_text_atomic(self.out_dir / "history.json", json.dumps(payload, indent=1))
         from detseg.engine.plots import plot_history
 
         plot_history(self.history, self.out_dir / "curves.png", self.primary_metric)
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _micro_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Items per process and micro-step: the global batch split over processes and micro-steps."""
+    if cfg.grad_accum < 1:
+        raise DetsegError(f"--grad-accum {cfg.grad_accum}: use 1 or more.")
+    shares = world_size * cfg.grad_accum
+    if cfg.batch_size % shares:
+        raise DetsegError(
+            f"--batch-size {cfg.batch_size} (the global batch) does not split over {world_size} "
+            f"processes x {cfg.grad_accum} accumulation steps; use a multiple of {shares}."
+        )
+    return cfg.batch_size // shares

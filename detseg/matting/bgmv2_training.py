@@ -531,6 +531,8 @@ def train_bgmv2(
     seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
+    grad_accum: int = 1,
+    sync_bn: bool = False,
 ) -> dict[str, Any]:
     """``detseg train --task matting --model bgmv2_[base_]<backbone>``: returns the run summary.
 
@@ -575,6 +577,8 @@ def train_bgmv2(
         seed=seed,
         device=device,
         num_workers=num_workers,
+        grad_accum=grad_accum,
+        sync_bn=sync_bn,
     )
     trainer = Trainer(
         net,

@@ -62,6 +62,8 @@ def train_gfm(
     seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
+    grad_accum: int = 1,
+    sync_bn: bool = False,
 ) -> dict[str, Any]:
     """Train a registered ``gfm_*`` model; returns the run summary (see ``fit_and_summarise``).
 
@@ -105,6 +107,8 @@ def train_gfm(
         seed=seed,
         device=device,
         num_workers=num_workers,
+        grad_accum=grad_accum,
+        sync_bn=sync_bn,
     )
     trainer = Trainer(
         loaded.model.train(),

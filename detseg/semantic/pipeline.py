@@ -16,10 +16,12 @@ from detseg.data.folders import SegmentationFolder, check_label, find_layout, pa
 from detseg.data.images import list_images, read_image, read_label, write_image
 from detseg.data.preprocess import Preprocess
 from detseg.data.transforms import semantic_train_transform
+from detseg.engine.distributed import is_main_process
 from detseg.engine.prefetch import BackgroundWriter, prefetch
 from detseg.engine.progress import count_progress
 from detseg.engine.trainer import TrainConfig, Trainer
 from detseg.errors import DetsegError, InputFileError
+from detseg.fileio import write_text_atomic
 from detseg.semantic.losses import SegmentationLoss, enet_class_weights, semantic_loss
 from detseg.semantic.metrics import ConfusionMatrix
 from detseg.semantic.sliding import predict_semantic, whole_batch_predict
@@ -265,6 +267,8 @@ def train_semantic(
     model_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     log_every: int = 10,
+    grad_accum: int = 1,
+    sync_bn: bool = False,
 ) -> dict[str, Any]:
     """Train a semantic model on a CamVid/VOC folder; returns the run summary.
 
@@ -322,6 +326,8 @@ def train_semantic(
         device=device,
         num_workers=num_workers,
         log_every=log_every,
+        grad_accum=grad_accum,
+        sync_bn=sync_bn,
     )
     trainer = Trainer(loaded.model, train_set, cfg, loss_fn, evaluate_fn, meta=meta)
     if not resume:
@@ -337,5 +343,6 @@ def train_semantic(
         "checkpoints": [str(Path(out_dir) / n) for n in ("best.safetensors", "last.safetensors")],
         "curves": str(Path(out_dir) / "curves.png"),
     }
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if is_main_process():
+        write_text_atomic(Path(out_dir) / "summary.json", json.dumps(summary, indent=1))
     return summary
