@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--out", default="runs/instance_balloon")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = args.shared / "data/balloon"
@@ -92,8 +93,9 @@ def main() -> None:
         on_log=[lambda r: print(json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)],
     )
     wall, cpu = time.perf_counter(), time.process_time()
-    trainer.evaluate()
-    history = trainer.fit(progress=False)
+    if not args.resume:
+        trainer.evaluate()  # the starting point of the curve
+    history = trainer.fit(resume=args.resume, progress=False)
     losses = history.train
     print("train loss:", [round(r["loss"], 3) for r in losses[:: max(1, len(losses) // 10)]])
     print(

@@ -1,6 +1,6 @@
 """Where the time goes when a model is not GEMM-bound: profile summaries for docs/performance.md.
 
-    PYTHONPATH=$PWD python -m bench.profile [--cases bgmv2 espnet deeplab_mnv2 gfm polarmask]
+    PYTHONPATH=$PWD python -m bench.profile_models [--cases bgmv2 espnet deeplab_mnv2 gfm polarmask]
 
 torch.profiler on one call of each fast path after a warm-up (BGMv2 MobileNetV2 HD, ESPNet
 480x360, DeepLabV3+ MobileNetV2 512x512): self CPU time per operator class (GEMM-like convolution
