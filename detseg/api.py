@@ -37,6 +37,7 @@ class LoadedModel:
         class_names: names indexed by class id (may be empty).
         weights: the file the weights came from, or None for random initialisation.
         official: True when ``weights`` was an authors' release file.
+        runtime: "torch", or "onnx" when the forward is an exported graph (``load_onnx``).
     """
 
     name: str
@@ -48,6 +49,7 @@ class LoadedModel:
     weights: str | None = None
     official: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    runtime: str = "torch"
 
     def checkpoint_meta(self) -> CheckpointMeta:
         return CheckpointMeta(

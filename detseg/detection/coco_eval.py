@@ -26,10 +26,10 @@ from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval import faster_eval_api_cpp as _cpp
 
 from detseg.data.coco import DetectionSet, load_json
+from detseg.detection.sliced import instance_rles
 from detseg.errors import InputFileError
 from detseg.fileio import atomic_output
-from detseg.ops.masks import mask_to_rle
-from detseg.results import Detections, Instances
+from detseg.results import Detections
 
 IouType = Literal["bbox", "segm"]
 
@@ -249,21 +249,22 @@ def detections_to_coco(
 ) -> list[dict[str, Any]]:
     """One image's detections as COCO result dicts.
 
-    Contiguous labels become ``category_ids[label]``; xyxy boxes become xywh. For "segm" the
-    ``Instances`` masks (N, H, W) become compressed RLE and no ``bbox`` is written (so that COCO's
-    ``loadRes`` takes area and box from the mask, as detectron2 does).
+    Contiguous labels become ``category_ids[label]``; xyxy boxes become xywh. For "segm" the masks
+    of ``Instances`` (or the crops of sliced ``CroppedInstances``) become compressed RLE and no
+    ``bbox`` is written (so that COCO's ``loadRes`` takes area and box from the mask, as
+    detectron2 does).
     """
     boxes = det.boxes.detach().to("cpu", torch.float64)
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     scores = det.scores.detach().to("cpu", torch.float64).tolist()
     cats = [int(category_ids[int(k)]) for k in det.labels.tolist()]
     if iou_type == "segm":
-        if not isinstance(det, Instances) or det.masks is None:
+        rles = instance_rles(det)
+        if rles is None:
             raise InputFileError("mask (segm) evaluation needs a model that predicts masks.")
-        masks = det.masks.detach().to("cpu").numpy()
         return [
-            {"image_id": image_id, "category_id": c, "segmentation": mask_to_rle(m), "score": s}
-            for c, m, s in zip(cats, masks, scores, strict=True)
+            {"image_id": image_id, "category_id": c, "segmentation": rle, "score": s}
+            for c, rle, s in zip(cats, rles, scores, strict=True)
         ]
     return [
         {"image_id": image_id, "category_id": c, "bbox": [round(v, 3) for v in b], "score": s}

@@ -7,15 +7,17 @@ is bounded by one batch, not by the number of tiles. Tile detections are shifted
 coordinates and merged by NMS or greedy non-maximum merging (NMM), with IoU or IoS (intersection
 over the smaller box) as the match metric, per class or across classes.
 
-Instance masks (``Instances`` from ``detect``) stay tile-sized until the merge is done; only the
-kept (or merged) detections are pasted into full-image masks.
+Instance masks (``Instances`` from ``detect``) are cut to their extent as soon as a tile is done
+and stay that way: the result is a ``CroppedInstances`` whose masks are crops placed in the image
+(memory: the masks' extents, never one full-image mask per detection); ``instance_rles`` and
+``instance_masks`` read them the same way as ordinary ``Instances``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import cv2
@@ -27,6 +29,7 @@ from torchvision.ops import batched_nms, box_iou
 
 from detseg.data.preprocess import Preprocess
 from detseg.ops.ios import box_ios
+from detseg.ops.masks import RLE, mask_to_rle, rle_to_uncompressed, segmentation_to_rle
 from detseg.results import Detections, Instances
 
 Image = np.ndarray | torch.Tensor  # (H, W, C) array or (C, H, W) tensor
@@ -105,14 +108,122 @@ def _image_hw(image: Image) -> tuple[int, int]:
     return tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
 
 
+Crop = tuple[torch.Tensor, int, int]  # (h, w) bool mask and its top-left (x0, y0) in the image
+
+
+@dataclass
+class CroppedInstances(Instances):
+    """``Instances`` whose masks are stored inside their extent (``masks`` is None).
+
+    Attributes:
+        crops: per detection, a (h_i, w_i) bool CPU tensor: the mask's pixels within its extent.
+        origins: per detection, (x0, y0) image pixels of the crop's top-left pixel.
+        image_hw: (H, W) of the image the masks belong to.
+    """
+
+    crops: list[torch.Tensor] = field(default_factory=list)
+    origins: list[tuple[int, int]] = field(default_factory=list)
+    image_hw: tuple[int, int] = (0, 0)
+
+    def mask(self, i: int) -> torch.Tensor:
+        """(H, W) bool full-image mask of detection ``i`` (one at a time: H x W bytes)."""
+        out = torch.zeros(self.image_hw, dtype=torch.bool)
+        crop, (x0, y0) = self.crops[i], self.origins[i]
+        out[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
+        return out
+
+    def select(self, keep: torch.Tensor) -> CroppedInstances:
+        """The detections where ``keep`` (N,) bool is True, in order."""
+        idx = torch.nonzero(keep).flatten()
+        return CroppedInstances(
+            self.boxes[idx],
+            self.scores[idx],
+            self.labels[idx],
+            self.class_names,
+            crops=[self.crops[i] for i in idx.tolist()],
+            origins=[self.origins[i] for i in idx.tolist()],
+            image_hw=self.image_hw,
+        )
+
+
+def _extent(mask: torch.Tensor, x0: int, y0: int) -> Crop:
+    """A (h, w) mask placed at (x0, y0) -> its nonzero extent as a CPU copy, placed; an empty mask
+    becomes a (0, 0) crop."""
+    m = mask.to("cpu", torch.bool)
+    rows = torch.nonzero(m.any(dim=1)).flatten()
+    cols = torch.nonzero(m.any(dim=0)).flatten()
+    if len(rows) == 0:
+        return m.new_zeros(0, 0), x0, y0
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return m[r0:r1, c0:c1].clone(), x0 + c0, y0 + r0  # a copy: the tile's mask is freed
+
+
+def _union(crops: Sequence[Crop]) -> Crop:
+    """The pixel union of placed crops, as one placed crop over their joint extent."""
+    parts = [c for c in crops if c[0].numel()]
+    if not parts:
+        return crops[0]
+    x0 = min(x for _, x, _ in parts)
+    y0 = min(y for _, _, y in parts)
+    x1 = max(x + m.shape[1] for m, x, _ in parts)
+    y1 = max(y + m.shape[0] for m, _, y in parts)
+    out = torch.zeros((y1 - y0, x1 - x0), dtype=torch.bool)
+    for m, x, y in parts:
+        out[y - y0 : y - y0 + m.shape[0], x - x0 : x - x0 + m.shape[1]] |= m
+    return out, x0, y0
+
+
+def _crop_rle(crop: torch.Tensor, x0: int, y0: int, hw: tuple[int, int]) -> RLE:
+    """COCO compressed RLE of a placed crop in an ``hw`` image, built from the (H, w) column strip
+    under the crop (COCO runs are column-major, so the columns left and right are plain zeros)."""
+    h, w = hw
+    strip = np.zeros((h, crop.shape[1]), np.uint8)
+    strip[y0 : y0 + crop.shape[0]] = crop.numpy()
+    runs = rle_to_uncompressed(mask_to_rle(strip))["counts"]
+    runs[0] += x0 * h
+    after = (w - x0 - crop.shape[1]) * h
+    if len(runs) % 2:  # the strip ends inside a run of zeros
+        runs[-1] += after
+    elif after:
+        runs.append(after)
+    return segmentation_to_rle({"size": [h, w], "counts": runs}, h, w)
+
+
+def instance_rles(det: Detections) -> list[RLE] | None:
+    """COCO compressed RLE of each detection's mask (``Instances`` or ``CroppedInstances``), in
+    image pixels; None when ``det`` has no masks."""
+    if isinstance(det, CroppedInstances):
+        return [
+            _crop_rle(c, x, y, det.image_hw)
+            for c, (x, y) in zip(det.crops, det.origins, strict=True)
+        ]
+    if isinstance(det, Instances) and det.masks is not None:
+        return [mask_to_rle(m) for m in det.masks.to("cpu").numpy()]
+    return None
+
+
+def instance_masks(
+    det: Detections, indices: Sequence[int]
+) -> Iterator[tuple[np.ndarray, int, int]]:
+    """For each of ``indices``: its mask as a (h, w) bool array and the (x0, y0) image pixel of its
+    top-left corner (the crop of ``CroppedInstances``, the full mask of ``Instances`` at (0, 0));
+    nothing when ``det`` has no masks."""
+    if isinstance(det, CroppedInstances):
+        for i in indices:
+            yield det.crops[i].numpy(), *det.origins[i]
+    elif isinstance(det, Instances) and det.masks is not None:
+        for i in indices:
+            yield det.masks[i].to("cpu").numpy(), 0, 0
+
+
 @dataclass
 class _Pieces:
-    """Detections of all tiles in image pixels; masks stay at tile size with their tile origin."""
+    """Detections of all tiles in image pixels; masks cut to their extent, placed in the image."""
 
     boxes: list[torch.Tensor]
     scores: list[torch.Tensor]
     labels: list[torch.Tensor]
-    masks: list[tuple[torch.Tensor, int, int]]  # per detection: (h, w) bool mask, x0, y0
+    masks: list[Crop]
     class_names: tuple[str, ...] = ()
 
     def add(self, det: Detections, x0: int, y0: int) -> None:
@@ -122,7 +233,7 @@ class _Pieces:
         self.labels.append(det.labels)
         self.class_names = self.class_names or det.class_names
         if isinstance(det, Instances) and det.masks is not None:
-            self.masks.extend((m, x0, y0) for m in det.masks)
+            self.masks.extend(_extent(m, x0, y0) for m in det.masks)
 
 
 _BLOCK_ROWS = 256  # rows of the match matrix computed at once: memory O(256 * N), not O(N^2)
@@ -237,15 +348,6 @@ def merge_detections(
     return out, scores[keepers], labels[keepers], [m[1] for m in merged]
 
 
-def _paste_masks(pieces: _Pieces, groups: list[list[int]], hw: tuple[int, int]) -> torch.Tensor:
-    out = torch.zeros((len(groups), *hw), dtype=torch.bool)
-    for row, members in enumerate(groups):
-        for j in members:
-            m, x0, y0 = pieces.masks[j]
-            out[row, y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]] |= m.to("cpu", torch.bool)
-    return out
-
-
 def sliced_predict(image: Image, detect: DetectFn, cfg: SliceConfig | None = None) -> Detections:
     """Detect on overlapping tiles of ``image`` (and optionally the whole image), then merge.
 
@@ -255,17 +357,20 @@ def sliced_predict(image: Image, detect: DetectFn, cfg: SliceConfig | None = Non
         cfg: slicing and merging settings.
 
     Returns:
-        ``Detections`` (or ``Instances`` when ``detect`` returns masks) in image pixels.
+        ``Detections`` (``CroppedInstances`` when ``detect`` returns masks) in image pixels; when
+        the image fits in one tile, ``detect``'s own result on the whole image, unmerged.
     """
     cfg = cfg or SliceConfig()
     h, w = _image_hw(image)
     tiles = slice_grid(h, w, cfg.tile_hw, cfg.overlap).tolist()
+    if len(tiles) == 1:  # the image fits in a tile: nothing to slice or merge
+        return detect([image])[0]
     pieces = _Pieces([], [], [], [])
     for start in range(0, len(tiles), cfg.batch_size):
         batch = tiles[start : start + cfg.batch_size]
         for tile, det in zip(batch, detect([_crop(image, t) for t in batch]), strict=True):
             pieces.add(det, tile[0], tile[1])
-    if cfg.full_image and len(tiles) > 1:
+    if cfg.full_image:
         pieces.add(detect([image])[0], 0, 0)
     boxes = torch.cat(pieces.boxes).float().cpu()
     scores, labels = torch.cat(pieces.scores).float().cpu(), torch.cat(pieces.labels).cpu()
@@ -273,8 +378,16 @@ def sliced_predict(image: Image, detect: DetectFn, cfg: SliceConfig | None = Non
         raise ValueError("detect returned masks for some tiles only")
     boxes, scores, labels, groups = merge_detections(boxes, scores, labels, cfg)
     if pieces.masks:
-        masks = _paste_masks(pieces, groups, (h, w))
-        return Instances(boxes, scores, labels, pieces.class_names, masks=masks)
+        merged = [_union([pieces.masks[j] for j in g]) for g in groups]
+        return CroppedInstances(
+            boxes,
+            scores,
+            labels,
+            pieces.class_names,
+            crops=[m for m, _, _ in merged],
+            origins=[(x, y) for _, x, y in merged],
+            image_hw=(h, w),
+        )
     return Detections(boxes, scores, labels, pieces.class_names)
 
 

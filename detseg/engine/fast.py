@@ -202,6 +202,8 @@ def for_inference(loaded: LoadedModel, exact: bool = False, precision: str = "f3
                 f"--exact runs the float32 reference path; drop --precision {precision} or --exact."
             )
         return loaded
+    if loaded.runtime != "torch":  # an exported graph already is its own inference path
+        return loaded
     return dataclasses.replace(loaded, model=accelerate(loaded.model, loaded.name, precision))
 
 

@@ -116,5 +116,5 @@ def load_onnx(path: str | Path, device: str | torch.device = "cpu") -> LoadedMod
     if meta.get("preprocess"):
         loaded.preprocess = Preprocess.from_dict(meta["preprocess"])
     loaded.class_names = tuple(meta.get("class_names", loaded.class_names))
-    loaded.weights = str(path)
+    loaded.weights, loaded.runtime = str(path), "onnx"
     return loaded

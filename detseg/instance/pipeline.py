@@ -1,21 +1,24 @@
-"""Instance task glue for the CLI: predict with PolarMask / TensorMask, draw and list masks."""
+"""Instance task glue for the CLI: predict (whole images or sliced) with PolarMask, TensorMask,
+Mask R-CNN and PointRend; draw and list masks; COCO segm result files."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from detseg.data.images import list_images, read_image, write_image
-from detseg.detection.pipeline import _record
+from detseg.detection.coco_eval import detections_to_coco, write_coco_results
+from detseg.detection.pipeline import _coco_ids, _record, detect_image, slice_config
+from detseg.detection.sliced import CroppedInstances, DetectFn, instance_rles
 from detseg.engine.progress import count_progress
 from detseg.errors import DetsegError
 from detseg.instance.polarmask import PolarMask
 from detseg.instance.polarmask_infer import OFFICIAL_INPUT_SIZE, draw_instances, predict_image
 from detseg.instance.tensormask import TensorMask, d2_test_size
-from detseg.ops.masks import mask_to_rle
+from detseg.ops.masks import rle_area
 from detseg.results import Instances
 
 if TYPE_CHECKING:
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
 
 def _above(inst: Instances, threshold: float) -> Instances:
     keep = inst.scores >= threshold
+    if isinstance(inst, CroppedInstances):
+        return inst.select(keep)
     masks = inst.masks[keep] if inst.masks is not None else None
     return Instances(
         inst.boxes[keep], inst.scores[keep], inst.labels[keep], inst.class_names, masks
@@ -53,6 +58,12 @@ def _segment(model: LoadedModel, image: np.ndarray, max_size: int) -> Instances:
         return net.predict(model.preprocess(image).to(model.device), image.shape[:2])
 
 
+def instance_detector(model: LoadedModel, max_size: int = 768) -> DetectFn:
+    """``detect(images) -> list[Instances]`` for ``detseg.detection.sliced``: each (h, w, 3) uint8
+    image (a tile view) segmented on its own, as ``_segment`` does a whole image."""
+    return lambda images: [_segment(model, np.ascontiguousarray(im), max_size) for im in images]
+
+
 def predict_instance_files(
     model: LoadedModel,
     source: str | Path,
@@ -62,34 +73,47 @@ def predict_instance_files(
     max_size: int = 768,
     progress: bool = True,
     slice: int | None = None,
+    overlap: float = 0.2,
+    merge: Literal["nms", "nmm"] = "nms",
+    match: Literal["iou", "ios"] = "iou",
+    full_image: bool = False,
+    batch_size: int = 8,
     save_coco: str | Path | None = None,
-    **_: Any,
+    coco_gt: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Segment instances in every image of ``source``; draw ``<out_dir>/<stem>_inst.jpg``.
 
     Each record lists the instances above ``score_threshold`` like detection records, each with
-    its mask as COCO RLE (``"mask"``) and its area in pixels. Sliced inference and COCO result
-    files are detection-only for now and refused here rather than ignored.
+    its mask as COCO RLE (``"mask"``) and its area in pixels. ``slice`` runs tiled inference
+    (``detseg.detection.sliced``: each tile segmented as a whole image is, its masks kept cropped
+    to their extent and merged with the boxes). ``save_coco`` writes every instance (no
+    threshold) as a COCO segm results file, ids as ``detseg predict`` gives them for detection.
     """
-    if slice is not None or save_coco is not None:
-        raise DetsegError("--slice and --save-coco are not available for instance models yet.")
     paths = list_images(source)
+    slice_cfg = slice_config(slice, overlap, merge, match, full_image, batch_size)
+    detect = instance_detector(model, max_size)
     names = list(model.class_names)
-    records = []
+    num_classes = int(getattr(model.model, "num_classes", len(names)))
+    ids, cats = _coco_ids(coco_gt, paths, names, num_classes) if save_coco else ([], [])
+    records, results = [], []
     with count_progress(len(paths), "predict", enabled=progress) as advance:
-        for path in paths:
+        for i, path in enumerate(paths):
             image = read_image(path)
-            inst = _above(_segment(model, image, max_size), score_threshold)
+            inst = detect_image(detect, image, slice_cfg)
+            if save_coco:
+                results += detections_to_coco(ids[i], inst, cats, iou_type="segm")
+            inst = _above(inst, score_threshold)
             record = _record(path, image, inst, names)
-            masks = inst.masks.numpy() if inst.masks is not None else []
-            for entry, mask in zip(record["detections"], masks, strict=False):
-                entry["mask"], entry["area"] = mask_to_rle(mask), int(mask.sum())
+            for entry, rle in zip(record["detections"], instance_rles(inst) or [], strict=False):
+                entry["mask"], entry["area"] = rle, rle_area(rle)
             if out_dir is not None:
                 target = Path(out_dir) / f"{path.stem}_inst.jpg"
                 write_image(target, draw_instances(image, inst, score_threshold))
                 record["outputs"] = [str(target)]
             records.append(record)
             advance(1)
+    if save_coco:
+        write_coco_results(save_coco, results)
     return records
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from detseg.data.preprocess import Preprocess
+from detseg.detection.sliced import instance_masks
 from detseg.instance.polarmask import PolarMask
 from detseg.results import Instances
 
@@ -60,20 +61,19 @@ def draw_instances(
     image: np.ndarray, instances: Instances, score_thresh: float = 0.3, alpha: float = 0.5
 ) -> np.ndarray:
     """(H, W, 3) uint8 RGB with each instance above ``score_thresh`` as a translucent filled mask
-    and its contour, in a colour per class; returns a new image."""
+    and its contour, in a colour per class; returns a new image. ``instances`` may be sliced
+    ``CroppedInstances`` (masks drawn from their crops)."""
     out = image.astype(np.float32)
     keep = (instances.scores >= score_thresh).nonzero().flatten().tolist()
-    masks = instances.masks.numpy() if instances.masks is not None else None
-    for i in keep:
-        if masks is None:
-            break
+    pieces = list(zip(keep, instance_masks(instances, keep), strict=False))  # (i, (m, x0, y0))
+    for i, (m, x0, y0) in pieces:
         colour = np.array(_colour(int(instances.labels[i])), np.float32)
-        m = masks[i]
-        out[m] = (1 - alpha) * out[m] + alpha * colour
+        region = out[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]]
+        region[m] = (1 - alpha) * region[m] + alpha * colour
     drawn = np.clip(out, 0, 255).astype(np.uint8)
-    for i in keep if masks is not None else []:
+    for i, (m, x0, y0) in pieces:
         contours = cv2.findContours(
-            masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+            m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0)
         )[-2]
         cv2.drawContours(drawn, contours, -1, _colour(int(instances.labels[i])), 2)
     return drawn

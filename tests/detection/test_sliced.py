@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detseg.detection.sliced import SliceConfig, merge_detections, slice_grid, sliced_predict
+from detseg.detection.sliced import (
+    CroppedInstances,
+    SliceConfig,
+    instance_rles,
+    merge_detections,
+    slice_grid,
+    sliced_predict,
+)
 from detseg.results import Detections, Instances
 
 
@@ -163,13 +170,14 @@ def test_sliced_predict_tensor_image_masks_and_full_pass() -> None:
     detect = TensorDetector(masks=True)
     cfg = SliceConfig(size=(40, 64), overlap=0.2, merge="nmm", match="ios", full_image=True)
     out = sliced_predict(image, detect, cfg)
-    assert isinstance(out, Instances) and out.masks.shape == (4, 120, 160)
+    assert isinstance(out, CroppedInstances) and out.masks is None and len(out.crops) == 4
     assert detect.calls[-1][0].shape == (3, 120, 160)  # the whole-image pass
-    for box, mask in zip(out.boxes.tolist(), out.masks, strict=True):
+    for i, box in enumerate(out.boxes.tolist()):
         x1, y1, x2, y2 = (int(v) for v in box)
         expected = torch.zeros(120, 160, dtype=torch.bool)
         expected[y1:y2, x1:x2] = True
-        assert torch.equal(mask, expected) and list(map(int, box)) in [list(o) for o in OBJECTS]
+        assert torch.equal(out.mask(i), expected) and [x1, y1, x2, y2] in [list(o) for o in OBJECTS]
+        assert out.crops[i].shape == (y2 - y1, x2 - x1) and out.origins[i] == (x1, y1)
 
 
 class _SizeModel(torch.nn.Module):
@@ -277,3 +285,56 @@ def test_merge_matches_plain_reference(rows: list, method: tuple[str, str]) -> N
             assert bo == br and so == pytest.approx(sr) and lo == lr
     finally:
         sliced._BLOCK_ROWS = saved
+
+
+def test_one_tile_is_the_whole_image_pass() -> None:
+    image = _scene()
+    detect = FakeDetector(masks=True)
+    out = sliced_predict(image, detect, SliceConfig(size=200, merge="nmm", match="ios"))
+    whole = detect([image])[0]
+    assert len(detect.calls) == 2 and detect.calls[0][0] is image
+    assert torch.equal(out.boxes, whole.boxes) and torch.equal(out.masks, whole.masks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.lists(st.tuples(st.integers(0, 39), st.integers(0, 39), st.integers(1, 25)), max_size=4),
+    st.integers(0, 2**31 - 1),
+)
+def test_cropped_masks_equal_full_masks(h: int, w: int, rects: list, seed: int) -> None:
+    """Cut to their extent and placed back, masks give the same RLE, drawing and COCO results as
+    the full-image masks (random masks, some empty, some touching the borders)."""
+    from detseg.detection.coco_eval import detections_to_coco
+    from detseg.detection.sliced import _extent
+    from detseg.instance.polarmask_infer import draw_instances
+
+    rng = np.random.default_rng(seed)
+    full = torch.zeros(len(rects), h, w, dtype=torch.bool)
+    for k, (x, y, size) in enumerate(rects):
+        full[k, y : y + size, x : x + size] = torch.from_numpy(rng.random((h, w)) < 0.6)[
+            y : y + size, x : x + size
+        ]
+    n = len(rects)
+    det = (torch.rand(n, 4).sort(dim=1).values * 10, torch.rand(n), torch.arange(n) % 2)
+    placed = [_extent(m, 0, 0) for m in full]
+    cropped = CroppedInstances(
+        *det,
+        crops=[c for c, _, _ in placed],
+        origins=[(x, y) for _, x, y in placed],
+        image_hw=(h, w),
+    )
+    whole = Instances(*det, masks=full)
+    assert instance_rles(cropped) == instance_rles(whole)
+    assert all(torch.equal(cropped.mask(i), full[i]) for i in range(n))
+    assert detections_to_coco(1, cropped, [3, 5], "segm") == detections_to_coco(
+        1, whole, [3, 5], "segm"
+    )
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    assert np.array_equal(draw_instances(image, cropped, 0.0), draw_instances(image, whole, 0.0))
+    keep = torch.rand(n) < 0.5
+    kept = cropped.select(keep)
+    assert instance_rles(kept) == instance_rles(
+        Instances(*(t[keep] for t in det), masks=full[keep])
+    )
