@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detseg.backbones import build_backbone
+from detseg.ops.adaptive_pool import AdaptiveAvgPool2d
 from detseg.registry import register_model
 from detseg.semantic.dilation import set_rates
 from detseg.semantic.heads import conv_bn_relu
@@ -39,6 +40,8 @@ def _upsample(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torc
 class PyramidPooling(nn.Module):
     """PPM: per bin b, AdaptiveAvgPool(b) -> 1x1 (no bias) -> BN -> ReLU -> bilinear back; concat.
 
+    The pooling exports to ONNX at any input size (``detseg.ops.adaptive_pool``).
+
     ``forward``: (N, C, h, w) -> (N, C + len(bins) * branch_channels, h, w).
     """
 
@@ -53,7 +56,7 @@ class PyramidPooling(nn.Module):
         mid = branch_channels or in_ch // len(bins)
         self.align_corners = align_corners
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_ch, mid, 1)) for b in bins
+            nn.Sequential(AdaptiveAvgPool2d(b), conv_bn_relu(in_ch, mid, 1)) for b in bins
         )
         self.out_channels = in_ch + len(bins) * mid
 

@@ -117,7 +117,7 @@ class UNet(nn.Module):
         h, w = x.shape[-2:]
         m = 2**self.depth
         pad_h, pad_w = (-h) % m, (-w) % m
-        if pad_h or pad_w:
+        if pad_h or pad_w or torch.onnx.is_in_onnx_export():  # export: pads of any size
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         skips = []
