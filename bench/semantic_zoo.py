@@ -19,7 +19,9 @@ Results accumulate in ``runs/semantic_zoo/results.json`` (one entry per model an
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -67,12 +69,15 @@ def _results() -> dict[str, dict[str, Any]]:
 
 
 def _save(name: str, part: dict[str, Any]) -> None:
-    results = _results()
-    results.setdefault(name, {}).update(part)
     RUNS.mkdir(parents=True, exist_ok=True)
-    tmp = RUNS / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(RUNS / "results.json")
+    # two bench processes may train side by side: read-modify-write under an exclusive lock
+    with open(RUNS / "results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = _results()
+        results.setdefault(name, {}).update(part)
+        tmp = RUNS / f"results.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(RUNS / "results.json")
 
 
 def _params(module: torch.nn.Module | None) -> int:
@@ -80,15 +85,12 @@ def _params(module: torch.nn.Module | None) -> int:
 
 
 def _flops(name: str, num_classes: int, size: tuple[int, int]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from detseg.engine.complexity import count_flops
     from detseg.registry import get_entry
 
     with torch.device("meta"):
-        model = get_entry(name).build(num_classes=num_classes).eval()
-        with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, *size))
-    return counter.get_total_flops()
+        model = get_entry(name).build(num_classes=num_classes)
+    return count_flops(model, *size)
 
 
 def static(names: list[str], repeats: int) -> None:

@@ -164,27 +164,39 @@ def fast_model(model: LoadedModel, exact: bool = False, precision: str = "f32") 
     return for_inference(model, exact, precision)
 
 
-def _count_parameters(entry: ModelEntry) -> int | None:
-    """Learnable parameters of the default build, on the meta device (no memory, no init time)."""
+def _complexity(entry: ModelEntry) -> tuple[int | None, float | None]:
+    """Parameters and GFLOPs at 512x512 of the default build, counted on the meta device.
+
+    A builder that cannot run on meta tensors is built on the CPU for its parameters only; a
+    forward pass that cannot run on meta tensors (data-dependent shapes) has no FLOPs (None).
+    """
+    from detseg.engine.complexity import count_flops, count_parameters
+
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):
-                return sum(p.numel() for p in entry.build().parameters())
+                model = entry.build()
         except Exception:  # a builder that cannot run on meta tensors, or needs arguments
             continue
-    return None
+        try:
+            gflops = count_flops(model, 512, 512) / 1e9 if device == "meta" else None
+        except Exception:  # e.g. nonzero() or NMS: output sizes that depend on the values
+            gflops = None
+        return count_parameters(model), gflops
+    return None, None
 
 
 def models_table(task: str | None = None) -> list[dict[str, Any]]:
-    """One row per registered model: name, task, parameter count, official format, summary."""
+    """One row per registered model: name, task, params, GFLOPs at 512x512, official, summary."""
     rows = []
     for entry in list_models(task):
-        params = _count_parameters(entry)
+        params, gflops = _complexity(entry)
         rows.append(
             {
                 "name": entry.name,
                 "task": entry.task,
                 "params": params,
+                "gflops_512": gflops,
                 "official": entry.official.description if entry.official else None,
                 "summary": entry.summary,
             }

@@ -107,23 +107,57 @@ def _metrics_table(metrics: dict[str, Any], title: str) -> Table:
 @app.command("models")
 @user_errors
 def models_cmd(
-    task: str = typer.Option(None, help="Only models of this task."), as_json: bool = JsonOpt
+    task: str = typer.Option(None, help="Only models of this task."),
+    wide: bool = typer.Option(False, "--wide", help="Also the official-weights format; wrap."),
+    as_json: bool = JsonOpt,
 ) -> None:
-    """List the registered models with task, parameters and official-weights format."""
+    """List the registered models: task, parameters, GFLOPs at 512x512, official weights."""
     rows = api.models_table(task)
     if as_json:
         _emit_json({"models": rows})
         return
-    table = Table(title="detseg models")
-    table.add_column("name", no_wrap=True)
-    table.add_column("task", no_wrap=True)
-    table.add_column("params", justify="right", no_wrap=True)
-    table.add_column("official weights", ratio=1)
-    table.add_column("summary", ratio=2)
-    for r in rows:
-        params = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f} M"
-        table.add_row(r["name"], r["task"], params, r["official"] or "-", r["summary"])
-    console.print(table)
+    console.print(_models_table(rows, wide, console.width))
+
+
+def _models_table(rows: list[dict[str, Any]], wide: bool, width: int) -> Table:
+    """One line per model that fits ``width`` (summary cut, or left out below 24 characters of
+    room); ``wide``: the official-weights format and the summary in full, wrapped."""
+    cells = [
+        [
+            r["name"],
+            r["task"],
+            "-" if r["params"] is None else f"{r['params'] / 1e6:.2f} M",
+            "-" if r["gflops_512"] is None else f"{r['gflops_512']:.1f}",
+            (r["official"] or "-") if wide else ("yes" if r["official"] else "-"),
+        ]
+        for r in rows
+    ]
+    heads = ["name", "task", "params", "GFLOPs", "official weights" if wide else "official"]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(heads)]
+    room = width - sum(widths) - 3 * len(heads) - 4  # 3 per column and 4 at the edges
+    table = Table(title="detseg models", caption="GFLOPs: one 512x512 image, eval mode")
+    for i, head in enumerate(heads):
+        fixed = wide and i == 4
+        table.add_column(
+            head,
+            justify="right" if head in ("params", "GFLOPs") else "left",
+            no_wrap=not fixed,
+            min_width=None if fixed else widths[i],
+            ratio=1 if fixed else None,
+            overflow="fold" if fixed else "ellipsis",
+        )
+    summary = wide or room >= 24
+    if summary:
+        table.add_column(
+            "summary",
+            ratio=2 if wide else None,
+            no_wrap=not wide,
+            overflow="fold" if wide else "ellipsis",
+            max_width=None if wide else room,
+        )
+    for c, r in zip(cells, rows, strict=True):
+        table.add_row(*c, *([r["summary"]] if summary else []))
+    return table
 
 
 @app.command("train")
@@ -153,6 +187,7 @@ def train_cmd(
     backgrounds: Path = typer.Option(None, help="matting: folder of background images."),
     size: int = typer.Option(512, help="matting: training crop size."),
     weights: Path = typer.Option(None, help="Initial weights (ours or official)."),
+    imagenet: Path = typer.Option(None, help="semantic: torchvision ImageNet file, encoder."),
     model_arg: list[str] = typer.Option(None, help="Constructor argument NAME=VALUE (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out exactly."),
     device: str = DeviceOpt,
@@ -195,6 +230,7 @@ def train_cmd(
             ignore_index=ignore_index,
             class_weights=class_weights,
             dice_weight=dice,
+            imagenet=imagenet,
             model_kwargs=_parse_model_args(model_arg),
         )
     elif task in ("detection", "instance"):

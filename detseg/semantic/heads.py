@@ -20,6 +20,6 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, dilation: int = 1) ->
 def resize_to(x: torch.Tensor, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:
     """Bilinear resize (align_corners=False) of (N, C, h, w) to ``like``'s (H, W)."""
     size = like.shape[-2:] if isinstance(like, torch.Tensor) else like
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
+    if not torch.onnx.is_in_onnx_export() and tuple(x.shape[-2:]) == tuple(size):
+        return x  # (an exported graph resizes always: the sizes that trace equal may differ later)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -241,6 +241,22 @@ def _label_counts(dataset: SegmentationFolder) -> torch.Tensor:
     return counts
 
 
+def load_imagenet_encoder(model: nn.Module, path: str | Path) -> None:
+    """Load a torchvision ImageNet file into ``model``'s encoder, strictly (classifier dropped).
+
+    The encoder is the model itself (FCN-VGG: its fc6/fc7 convolutions take the classifier), its
+    ``backbone`` (the torchvision trunks) or its ``encoder`` (SegNet's VGG16-BN).
+    """
+    for part in (model, getattr(model, "backbone", None), getattr(model, "encoder", None)):
+        if part is not None and hasattr(part, "load_imagenet"):
+            part.load_imagenet(path)
+            return
+    raise DetsegError(
+        f"{type(model).__name__} has no torchvision encoder for ImageNet weights (the paper "
+        "trains it from scratch): omit --imagenet."
+    )
+
+
 def train_semantic(
     *,
     model: str,
@@ -260,6 +276,7 @@ def train_semantic(
     class_weights: str | None = None,
     dice_weight: float = 0.0,
     weights: str | None = None,
+    imagenet: str | Path | None = None,
     resume: bool = False,
     device: str = "auto",
     seed: int = 0,
@@ -272,7 +289,8 @@ def train_semantic(
 ) -> dict[str, Any]:
     """Train a semantic model on a CamVid/VOC folder; returns the run summary.
 
-    ``class_weights="enet"`` weights CE by ``1/ln(1.02 + p_c)`` from the training labels.
+    ``class_weights="enet"`` weights CE by ``1/ln(1.02 + p_c)`` from the training labels;
+    ``imagenet``: a torchvision ImageNet file for the encoder (``load_imagenet_encoder``).
     """
     from detseg.api import load_model
 
@@ -285,6 +303,8 @@ def train_semantic(
     pair_files(layout)
     kwargs = {"num_classes": n_classes, **(model_kwargs or {})}
     loaded = load_model(model, weights=weights, device=device, **kwargs)
+    if imagenet is not None and not resume:
+        load_imagenet_encoder(loaded.model, imagenet)
     train_set = SegmentationFolder(
         data, split, n_classes, ignore, loaded.preprocess, semantic_train_transform(crop, ignore)
     )

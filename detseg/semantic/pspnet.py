@@ -40,6 +40,8 @@ def _upsample(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torc
 class PyramidPooling(nn.Module):
     """PPM: per bin b, AdaptiveAvgPool(b) -> 1x1 (no bias) -> BN -> ReLU -> bilinear back; concat.
 
+    The pooling exports to ONNX at any input size (``detseg.ops.adaptive_pool``).
+
     ``forward``: (N, C, h, w) -> (N, C + len(bins) * branch_channels, h, w).
     """
 

@@ -87,6 +87,38 @@ def test_models_lists_registered_models():
     names = {m["name"]: m for m in json.loads(result.stdout)["models"]}
     assert {"unet", "deeplabv3plus_resnet50", "fcn_resnet50", "espnet"} <= set(names)
     assert names["espnet"]["official"]
+    # spec table 0: 193.0 GMACs at 21 classes; the default build has 2 (classifier 64 -> 2)
+    classifier_gflops = 2 * 64 * (21 - 2) * 512 * 512 / 1e9
+    assert names["unet"]["gflops_512"] == pytest.approx(2 * 193.0 - classifier_gflops, abs=0.1)
+
+
+def _models_text(rows: list[dict], width: int, wide: bool) -> str:
+    from rich.console import Console
+
+    from detseg.cli import _models_table
+
+    console = Console(width=width, record=True)
+    console.print(_models_table(rows, wide, width))
+    return console.export_text()
+
+
+def test_models_table_fits_80_columns_and_wide_shows_everything():
+    official = "BackgroundMattingV2 MattingRefine .pth state dict (official release)"
+    rows = [
+        {"name": "deeplabv3plus_mobilenetv2", "task": "semantic", "params": 13_355_253,
+         "gflops_512": 67.6, "official": None, "summary": "DeepLabV3+ " * 10},
+        {"name": "bgmv2_resnet101", "task": "matting", "params": 59_240_000,
+         "gflops_512": None, "official": official, "summary": "photo + plate -> alpha"},
+    ]  # fmt: skip
+    for width, wide in [(80, False), (100, False), (80, True), (200, True)]:
+        lines = _models_text(rows, width, wide).splitlines()
+        assert max(len(line) for line in lines) <= width
+        text = "\n".join(lines)
+        assert "deeplabv3plus_mobilenetv2" in text and "13.36 M" in text and "67.6" in text
+        assert ("summary" in text) == (width == 100 or wide)
+        assert ("state dict (official release)" in text) == (width == 200)  # wide: in full
+        if not wide:  # one line per model
+            assert sum("bgmv2_resnet101" in line for line in lines) == 1
 
 
 def test_unknown_model():

@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from detseg.engine.export import export_model
 from detseg.errors import CheckpointError, DetsegError
 from detseg.registry import get_entry, list_models
 from detseg.semantic.duc_hdc import DUC, DUCHead
 from detseg.semantic.fcn import FCNVGG
 from detseg.semantic.gcn import GCN
 from detseg.semantic.losses import SegmentationLoss, semantic_loss
+from detseg.semantic.pipeline import load_imagenet_encoder
 from detseg.semantic.pspnet import PSPNet
 from detseg.semantic.segnet import SegNet, max_unpool
 from detseg.semantic.unet import UNet
@@ -237,42 +239,61 @@ def _scored_fcn_vgg() -> FCNVGG:
     return model
 
 
-# name -> (builder, input size, output size): one net per family, small odd inputs
+# name -> (builder, traced input size, two other sizes): one net per family, small odd inputs;
+# the graph is exported with dynamic H and W, and run at the other sizes
 ONNX_CASES = {
-    "fcn8s_vgg16": (_scored_fcn_vgg, (37, 45), (37, 45)),
+    "fcn8s_vgg16": (_scored_fcn_vgg, (37, 45), [(45, 29), (50, 64)]),
     "fcn8s_resnet18": (
         lambda: get_entry("fcn8s_resnet18").build(num_classes=3),
         (37, 45),
-        (37, 45),
+        [(45, 29), (50, 64)],
     ),
     "fcn8s_densenet121": (
         lambda: get_entry("fcn8s_densenet121").build(num_classes=3),
         (37, 45),
-        (37, 45),
+        [(45, 29), (50, 64)],
     ),
-    "segnet": (lambda: SegNet(3), (37, 45), (37, 45)),
-    # ONNX adaptive pooling needs the OS-8 sides (6 x 12) divisible by the bins 1, 2, 3, 6
-    "pspnet": (lambda: PSPNet(3, backbone="resnet18"), (41, 89), (41, 89)),
-    "gcn": (lambda: GCN(3, backbone="resnet18"), (37, 45), (37, 45)),
-    "duc_hdc": (lambda: DUC(3, backbone="resnet18"), (37, 45), (37, 45)),
-    "unet_valid": (lambda: UNet(3, base_channels=4, variant="valid"), (188, 204), (4, 20)),
+    "segnet": (lambda: SegNet(3), (37, 45), [(45, 29), (50, 64)]),
+    # OS-8 sides 5 x 6, then 6 x 4 and 7 x 8: bins 2, 3 and 6 do not divide them
+    "pspnet": (lambda: PSPNet(3, backbone="resnet18"), (37, 45), [(45, 29), (50, 64)]),
+    "gcn": (lambda: GCN(3, backbone="resnet18"), (37, 45), [(45, 29), (50, 64)]),
+    "duc_hdc": (lambda: DUC(3, backbone="resnet18"), (37, 45), [(45, 29), (50, 64)]),
+    "unet": (lambda: UNet(3, base_channels=4), (37, 45), [(45, 29), (48, 64)]),
+    "unet_valid": (
+        lambda: UNet(3, base_channels=4, variant="valid"),
+        (188, 204),
+        [(204, 188), (236, 220)],
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(ONNX_CASES))
-def test_onnx_export_matches_pytorch(name, tmp_path):
+def test_onnx_export_at_dynamic_size_matches_pytorch(name, tmp_path):
     torch.manual_seed(0)
-    build, size, out_size = ONNX_CASES[name]
+    build, size, others = ONNX_CASES[name]
     model = build().eval()
-    x = torch.randn(1, 3, *size)
     path = tmp_path / f"{name}.onnx"
-    torch.onnx.export(
-        model, (x,), str(path), dynamo=False, input_names=["image"], output_names=["logits"]
-    )
+    export_model(model, path, *size, check=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"image": x.numpy()})
-    with torch.no_grad():
-        ref = model(x).numpy()
-    assert got.shape == ref.shape == (1, 3, *out_size)
-    assert abs(ref).max() > 1e-3  # a non-trivial output
-    assert abs(got - ref).max() <= 1e-4 * max(1.0, float(abs(ref).max()))
+    for h, w in [size, *others]:
+        x = torch.randn(1, 3, h, w)
+        (got,) = session.run(None, {"image": x.numpy()})
+        with torch.no_grad():
+            ref = model(x).numpy()
+        valid = model.variant == "valid" if isinstance(model, UNet) else False
+        assert got.shape == ref.shape == (1, 3, h - 184 * valid, w - 184 * valid)
+        assert abs(ref).max() > 1e-3  # a non-trivial output
+        assert abs(got - ref).max() <= 1e-4 * max(1.0, float(abs(ref).max()))
+
+
+def test_imagenet_file_loads_into_each_kind_of_encoder(tmp_path):
+    """The trunk (``backbone``), FCN-VGG itself and SegNet's ``encoder``; U-Net has none."""
+    resnet = torchvision.models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), tmp_path / "r18.pth")
+    fcn = get_entry("fcn8s_resnet18").build(num_classes=3)
+    load_imagenet_encoder(fcn, tmp_path / "r18.pth")
+    assert torch.equal(fcn.backbone.layer4[1].conv2.weight, resnet.layer4[1].conv2.weight)
+    with pytest.raises(CheckpointError, match="not a torchvision ImageNet file"):
+        load_imagenet_encoder(get_entry("gcn_resnet50").build(num_classes=3), tmp_path / "r18.pth")
+    with pytest.raises(DetsegError, match="omit --imagenet"):
+        load_imagenet_encoder(UNet(3, base_channels=4), tmp_path / "r18.pth")
