@@ -69,7 +69,7 @@ def export_rcnn(
     """Write ``path`` (the dense stage, ``MaskRCNN.onnx_spec``: ``RPNRawOutputs``) and
     ``<stem>.heads.onnx`` beside it (the head stage); ``metadata`` goes into the dense file.
 
-    Returns ``{"path", "heads_path", "outputs", "heads_outputs", "max_abs_diff"}``: the check
+    Returns the dense export's summary plus ``heads_path`` and ``heads_outputs``; the check
     compares onnxruntime with eager PyTorch on new inputs (another image size, another RoI and
     point count) and reports the max abs difference of every output of both graphs.
     """
@@ -87,9 +87,9 @@ def export_rcnn(
     diffs = {f"dense.{k}": v for k, v in dense["max_abs_diff"].items()}
     diffs.update({f"heads.{k}": v for k, v in heads["max_abs_diff"].items()})
     return {
-        "path": str(path),
+        **dense,
         "heads_path": str(head_path),
-        "outputs": dense["outputs"],
         "heads_outputs": heads["outputs"],
+        "note": f"{dense['note']}; RoI heads graph in {head_path.name}",
         "max_abs_diff": diffs,
     }
