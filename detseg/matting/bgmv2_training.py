@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import ColorJitter
 
 from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.data.images import list_images, read_image
+from detseg.engine.trainer import TrainConfig
 from detseg.errors import DetsegError, InputFileError
 from detseg.matting.bgmv2 import BACKBONES as _BACKBONES
 from detseg.matting.bgmv2 import MattingBase, MattingRefine, official_config
@@ -510,6 +511,20 @@ def initial_model(
     return model, kwargs
 
 
+def constant_adam_config(out_dir: str | Path, steps: int, **run: Any) -> TrainConfig:
+    """The matting recipes' ``TrainConfig``: Adam (AdamW without weight decay) at a constant
+    learning rate, as the official BGMv2 and GFM scripts train; ``run`` holds the other
+    ``TrainConfig`` fields (batch_size, lr, eval_every, log_every, seed, device, ...)."""
+    return TrainConfig(
+        out_dir=str(out_dir),
+        max_steps=steps,
+        optimizer="adamw",
+        weight_decay=0.0,
+        schedule="constant",
+        **run,
+    )
+
+
 def train_bgmv2(
     *,
     model: str,
@@ -545,7 +560,7 @@ def train_bgmv2(
     """
     from detseg.checkpoint import CheckpointMeta
     from detseg.engine.summary import fit_and_summarise
-    from detseg.engine.trainer import TrainConfig, Trainer
+    from detseg.engine.trainer import Trainer
 
     if batch_size < 2:
         raise DetsegError(
@@ -564,14 +579,11 @@ def train_bgmv2(
         if val_data is not None
         else None
     )
-    cfg = TrainConfig(
-        out_dir=str(out_dir),
-        max_steps=steps,
+    cfg = constant_adam_config(
+        out_dir,
+        steps,
         batch_size=batch_size,
         lr=lr,
-        optimizer="adamw",
-        weight_decay=0.0,
-        schedule="constant",
         eval_every=eval_every,
         log_every=log_every,
         seed=seed,

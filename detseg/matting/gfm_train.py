@@ -74,7 +74,8 @@ def train_gfm(
     from detseg.api import load_model
     from detseg.checkpoint import CheckpointMeta
     from detseg.engine.summary import fit_and_summarise
-    from detseg.engine.trainer import TrainConfig, Trainer
+    from detseg.engine.trainer import Trainer
+    from detseg.matting.bgmv2_training import constant_adam_config
     from detseg.matting.gfm import RAW_RGB
     from detseg.matting.gfm_training import RSSNMattingDataset, make_evaluate_fn, make_loss_fn
 
@@ -94,14 +95,11 @@ def train_gfm(
         seed=seed,
     )
     val_images, val_alphas = _clean_composites(train_set, val_limit or 0)
-    cfg = TrainConfig(
-        out_dir=str(out_dir),
-        max_steps=steps,
+    cfg = constant_adam_config(
+        out_dir,
+        steps,
         batch_size=batch_size,
         lr=lr,
-        optimizer="adamw",
-        weight_decay=0.0,
-        schedule="constant",
         eval_every=eval_every,
         log_every=log_every,
         seed=seed,
