@@ -278,7 +278,9 @@ def eval_cmd(
     stride: int = typer.Option(None),
     limit: int = typer.Option(None, min=1, help="Only the first N images."),
     results: Path = typer.Option(None, help="detection: a COCO results JSON to score."),
-    iou_type: str = typer.Option("bbox", help="detection: bbox or segm."),
+    iou_type: str = typer.Option(
+        "bbox", help="detection: bbox, segm or boundary (Boundary AP of mask results)."
+    ),
     class_name: str = typer.Option("object", help="detection: class of single-class VIA data."),
     precision: str = typer.Option(
         "f32", help="f32: the reference path; bf16 / fp16: the fast path at that precision."
@@ -586,7 +588,9 @@ def serve_cmd(
 def coco_eval_cmd(
     gt: Path = typer.Argument(..., help="COCO ground-truth JSON."),
     results: Path = typer.Argument(..., help="COCO results JSON."),
-    iou_type: str = typer.Option("bbox", help="bbox or segm."),
+    iou_type: str = typer.Option(
+        "bbox", help="bbox, segm or boundary (Boundary AP of mask results)."
+    ),
     plot: Path = typer.Option(None, help="Write precision-recall curves (PNG) here."),
     as_json: bool = JsonOpt,
 ) -> None:

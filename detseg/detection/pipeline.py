@@ -26,6 +26,7 @@ from detseg.data.detection import DetectionDataset
 from detseg.data.images import list_images, read_image, write_image
 from detseg.data.preprocess import Preprocess
 from detseg.detection.coco_eval import (
+    IouType,
     detections_to_coco,
     evaluate_detections,
     run_coco_eval,
@@ -174,7 +175,7 @@ def evaluate_detection(
     split: str | None = "val",
     model: LoadedModel | None = None,
     results_json: str | Path | None = None,
-    iou_type: Literal["bbox", "segm"] = "bbox",
+    iou_type: IouType = "bbox",
     limit: int | None = None,
     class_name: str = "object",
     max_size: int | None = None,

@@ -58,7 +58,8 @@ def rcnn_evaluate_fn(
     """``evaluate_fn(model)`` for the Trainer: COCO mask and box AP of ``model`` on ``dataset``.
 
     Returns mask ``AP``, ``AP50``, ``AP75``, ``AP90`` (the boundary-sensitive threshold: IoU 0.9
-    of the COCO precision array) and ``box_AP``, ``box_AP50``.
+    of the COCO precision array), ``boundary_AP`` and ``boundary_AP50`` (Boundary AP: the same
+    masks matched by min(mask IoU, boundary IoU)) and ``box_AP``, ``box_AP50``.
     """
 
     def evaluate(model: MaskRCNN) -> dict[str, float]:
@@ -76,11 +77,14 @@ def rcnn_evaluate_fn(
                     out += detections_to_coco(image_id, inst, cats, kind)  # type: ignore[arg-type]
         segm = run_coco_eval(dataset.dataset, results["segm"], "segm")
         bbox = run_coco_eval(dataset.dataset, results["bbox"], "bbox").stats
+        boundary = run_coco_eval(dataset.dataset, results["segm"], "boundary").stats
         return {
             "AP": segm.stats[0],
             "AP50": segm.stats[1],
             "AP75": segm.stats[2],
             "AP90": ap_at_iou(segm.precision, 8),
+            "boundary_AP": boundary[0],
+            "boundary_AP50": boundary[1],
             "box_AP": bbox[0],
             "box_AP50": bbox[1],
         }

@@ -122,6 +122,48 @@ def test_in_memory_segm(tmp_path: Path) -> None:
         evaluate_detections(ds, [Detections(det.boxes, det.scores, det.labels), empty], "segm")
 
 
+def _disc_gt_and_result(mask: np.ndarray) -> tuple[dict, list[dict]]:
+    from faster_coco_eval.core import mask as mask_utils
+
+    disc = _disc(200)
+    rle = mask_utils.encode(np.asfortranarray(disc.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    gt = {
+        "images": [{"id": 1, "width": 200, "height": 200, "file_name": "a.png"}],
+        "categories": [{"id": 1, "name": "disc"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": rle,
+                "iscrowd": 0,
+                "area": float(disc.sum()),
+                "bbox": [40.0, 40.0, 120.0, 120.0],
+            }
+        ],
+    }
+    pred = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    pred["counts"] = pred["counts"].decode()
+    return gt, [{"image_id": 1, "category_id": 1, "segmentation": pred, "score": 0.9}]
+
+
+def _disc(size: int) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (yy - 100) ** 2 + (xx - 100) ** 2 <= 60**2
+
+
+def test_boundary_ap_penalises_blocky_masks_more_than_mask_ap() -> None:
+    exact = run_coco_eval(*_disc_gt_and_result(_disc(200)), "boundary").stats[0]
+    assert exact == pytest.approx(1.0)
+    # the disc rendered on a 10-px grid (a 28x28-style coarse mask upsampled by nearest)
+    blocky = np.kron(_disc(200)[5::10, 5::10], np.ones((10, 10), bool))
+    gt, results = _disc_gt_and_result(blocky)
+    segm, boundary = (run_coco_eval(gt, results, kind).stats[0] for kind in ("segm", "boundary"))
+    assert segm > 0.8  # mask IoU about 0.96: most thresholds pass
+    assert boundary < segm - 0.3  # boundary IoU about 0.7 fails the strict thresholds
+
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [

@@ -156,6 +156,8 @@ def test_train_and_eval_rcnn_through_the_cli(shared, tmp_path, name):
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["images"] == 1 and 0.0 <= metrics["AP"] <= 1.0 and "box_AP50" in metrics
+
+
 def test_sliced_instances_and_coco_segm_through_the_cli(tmp_path):
     """`detseg predict --task instance --slice 64 --save-coco R.json`: masks in image pixels, one
     COCO segm result per instance; a slice as large as the image is the whole-image pass."""
