@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from detseg.detection.sliced import detection_records
 from detseg.errors import DetsegError, InputFileError
 from detseg.results import Detections, Instances
 
@@ -69,7 +70,7 @@ class Prediction:
                 for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
             }
         if self.detections is not None:
-            out["detections"] = _detection_records(self.detections, self._name)
+            out["detections"] = detection_records(self.detections, self.class_names)
         if self.alpha is not None:
             out["foreground_fraction"] = round(float(self.alpha.mean()), 5)
         return out
@@ -98,36 +99,6 @@ class Prediction:
             )
             return composite(self.alpha, foreground)
         raise DetsegError("this prediction holds no result to draw.")
-
-
-def _detection_records(det: Detections, name: Any) -> list[dict[str, Any]]:
-    from detseg.ops.masks import mask_to_rle
-
-    masks = det.masks.numpy() if isinstance(det, Instances) and det.masks is not None else None
-    records = []
-    for i, (box, score, label) in enumerate(
-        zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), strict=True)
-    ):
-        record = {
-            "label": label,
-            "class": name(label),
-            "score": round(score, 5),
-            "box": [round(v, 2) for v in box],
-        }
-        if masks is not None:
-            record["mask"], record["area"] = mask_to_rle(masks[i]), int(masks[i].sum())
-        records.append(record)
-    return records
-
-
-def _above(det: Detections, threshold: float) -> Detections:
-    keep = det.scores >= threshold
-    if isinstance(det, Instances):
-        masks = det.masks[keep] if det.masks is not None else None
-        return Instances(
-            det.boxes[keep], det.scores[keep], det.labels[keep], det.class_names, masks
-        )
-    return Detections(det.boxes[keep], det.scores[keep], det.labels[keep], det.class_names)
 
 
 def check_image(image: Any, what: str = "image") -> np.ndarray:
@@ -239,12 +210,12 @@ class Predictor:
             from detseg.detection.pipeline import detect_image
 
             det = detect_image(self._detect, image, self._slice_cfg)
-            return Prediction(**base, detections=_above(det, self.score_threshold))
+            return Prediction(**base, detections=det.above(self.score_threshold))
         if self.task == "instance":
             from detseg.instance.pipeline import _segment
 
             inst = _segment(self.loaded, image, self.max_size or 768)
-            return Prediction(**base, detections=_above(inst, self.score_threshold))
+            return Prediction(**base, detections=inst.above(self.score_threshold))
         if self.task == "matting":
             return self._matte(image, bgr, base)
         raise DetsegError(f"no in-memory predictor for task {self.task!r}.")
@@ -274,7 +245,7 @@ class Predictor:
         if self.task == "detection" and self._slice_cfg is None:
             dets = self._detect(images)
             return [
-                Prediction(**self._base(image), detections=_above(det, self.score_threshold))
+                Prediction(**self._base(image), detections=det.above(self.score_threshold))
                 for image, det in zip(images, dets, strict=True)
             ]
         return [self(image, bgr) for image in images]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,6 +40,16 @@ class Detections:
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
+    def select(self, keep: torch.Tensor) -> Detections:
+        """The detections where ``keep`` (N,) bool is True, in order, of the same type."""
+        return replace(
+            self, boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep]
+        )
+
+    def above(self, threshold: float) -> Detections:
+        """The detections scoring at least ``threshold``."""
+        return self.select(self.scores >= threshold)
+
 
 @dataclass
 class Instances(Detections):
@@ -50,6 +60,13 @@ class Instances(Detections):
     """
 
     masks: torch.Tensor | None = None
+
+    def select(self, keep: torch.Tensor) -> Instances:
+        """The instances where ``keep`` (N,) bool is True, masks included."""
+        out = super().select(keep)
+        if self.masks is not None:
+            out.masks = self.masks[keep]
+        return out
 
 
 @dataclass

@@ -9,7 +9,7 @@ A dataset without splits (a single JSON, coco128) serves every split whole.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +33,13 @@ from detseg.detection.coco_eval import (
     write_coco_results,
 )
 from detseg.detection.fcos_training import collate_detection, fcos_evaluate_fn, fcos_loss
-from detseg.detection.sliced import DetectFn, SliceConfig, batched_detector, sliced_predict
+from detseg.detection.sliced import (
+    DetectFn,
+    SliceConfig,
+    batched_detector,
+    detection_records,
+    sliced_predict,
+)
 from detseg.engine.distributed import is_main_process, rank_world
 from detseg.engine.prefetch import BackgroundWriter, prefetch
 from detseg.engine.progress import count_progress
@@ -270,22 +276,65 @@ def _record(path: Path, image: np.ndarray, det: Detections, names: Sequence[str]
         "file": str(path),
         "width": image.shape[1],
         "height": image.shape[0],
-        "detections": [
-            {
-                "label": label,
-                "class": names[label] if label < len(names) else str(label),
-                "score": round(score, 5),
-                "box": [round(v, 2) for v in box],
-            }
-            for box, score, label in zip(
-                det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), strict=True
-            )
-        ],
+        "detections": detection_records(det, names),
     }
 
 
-def _draw_to(target: Path, image: np.ndarray, det: Detections, names: Sequence[str]) -> None:
-    write_image(target, draw_detections(image, det, names))
+Draw = Callable[[np.ndarray, Detections], np.ndarray]
+
+
+def _draw_to(target: Path, draw: Draw, image: np.ndarray, det: Detections) -> None:
+    write_image(target, draw(image, det))
+
+
+def predict_files(
+    model: LoadedModel,
+    paths: Sequence[Path],
+    detect: DetectFn,
+    slice_cfg: SliceConfig | None,
+    out_dir: str | Path | None,
+    *,
+    draw: Draw,
+    suffix: str,
+    score_threshold: float,
+    iou_type: IouType = "bbox",
+    save_coco: str | Path | None = None,
+    coco_gt: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The folder loop of ``detseg predict`` for boxes and instances: images read ahead in a
+    thread, ``detect`` (whole image or sliced), pictures ``<out_dir>/<stem>_<suffix>.jpg`` drawn
+    and written in a writer thread, so reading, inference and writing overlap.
+
+    Returns one record per image (``_record``: detections above ``score_threshold``); ``save_coco``
+    writes every detection (no threshold) as COCO ``iou_type`` results, ids from ``coco_gt`` (by
+    file and class name) when given, else 1, 2, ... and ``label + 1``.
+    """
+    names = list(model.class_names)
+    num_classes = int(getattr(model.model, "num_classes", len(names)))
+    image_ids, category_ids = (
+        _coco_ids(coco_gt, paths, names, num_classes) if save_coco else ([], [])
+    )
+    records, results = [], []
+    with (
+        count_progress(len(paths), "predict", enabled=progress) as advance,
+        BackgroundWriter() as writer,
+    ):
+        for i, (path, image) in enumerate(prefetch((p, read_image(p)) for p in paths)):
+            det = detect_image(detect, image, slice_cfg)
+            if save_coco:
+                results += detections_to_coco(image_ids[i], det, category_ids, iou_type)
+            det = det.above(score_threshold)
+            record = _record(path, image, det, names)
+            if out_dir is not None:
+                target = Path(out_dir) / f"{path.stem}_{suffix}.jpg"
+                writer.submit(_draw_to, target, draw, image, det)
+                record["outputs"] = [str(target)]
+            records.append(record)
+            advance(1)
+    if save_coco:
+        write_coco_results(save_coco, results)
+    return records
 
 
 def predict_detection_files(
@@ -310,39 +359,23 @@ def predict_detection_files(
     Each record: ``{"file", "width", "height", "detections": [{"label", "class", "score",
     "box": xyxy pixels}], "outputs"}`` (detections with score >= ``score_threshold``).
     ``slice`` runs tiled inference (see ``detseg.detection.sliced``); FCOS shrinks tiles larger
-    than its ``max_size``, so pick ``slice <= max_size`` to gain resolution. ``save_coco`` writes all
-    detections (no threshold) as a COCO results file; image and category ids come from
-    ``coco_gt`` (by file and class name) when given, else 1, 2, ... and ``label + 1``.
+    than its ``max_size``, so pick ``slice <= max_size`` to gain resolution. ``save_coco``: see
+    ``predict_files``.
     """
-    paths = list_images(source)
-    detect = detector_fn(model, max_size)
-    slice_cfg = slice_config(slice, overlap, merge, match, full_image, batch_size)
     names = list(model.class_names)
-    num_classes = int(getattr(model.model, "num_classes", len(names)))
-    image_ids, category_ids = (
-        _coco_ids(coco_gt, paths, names, num_classes) if save_coco else ([], [])
+    return predict_files(
+        model,
+        list_images(source),
+        detector_fn(model, max_size),
+        slice_config(slice, overlap, merge, match, full_image, batch_size),
+        out_dir,
+        draw=lambda image, det: draw_detections(image, det, names),
+        suffix="det",
+        score_threshold=score_threshold,
+        save_coco=save_coco,
+        coco_gt=coco_gt,
+        progress=progress,
     )
-    records, results = [], []
-    with (
-        count_progress(len(paths), "predict", enabled=progress) as advance,
-        BackgroundWriter() as writer,  # reading, inference and drawing overlap
-    ):
-        for i, (path, image) in enumerate(prefetch((p, read_image(p)) for p in paths)):
-            det = detect_image(detect, image, slice_cfg)
-            if save_coco:
-                results += detections_to_coco(image_ids[i], det, category_ids)
-            keep = det.scores >= score_threshold
-            det = Detections(det.boxes[keep], det.scores[keep], det.labels[keep], det.class_names)
-            record = _record(path, image, det, names)
-            if out_dir is not None:
-                target = Path(out_dir) / f"{path.stem}_det.jpg"
-                writer.submit(_draw_to, target, image, det, names)
-                record["outputs"] = [str(target)]
-            records.append(record)
-            advance(1)
-    if save_coco:
-        write_coco_results(save_coco, results)
-    return records
 
 
 # ---------------------------------------------------------------------------------- training

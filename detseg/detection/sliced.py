@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -29,7 +29,13 @@ from torchvision.ops import batched_nms, box_iou
 
 from detseg.data.preprocess import Preprocess
 from detseg.ops.ios import box_ios
-from detseg.ops.masks import RLE, mask_to_rle, rle_to_uncompressed, segmentation_to_rle
+from detseg.ops.masks import (
+    RLE,
+    mask_to_rle,
+    rle_area,
+    rle_to_uncompressed,
+    segmentation_to_rle,
+)
 from detseg.results import Detections, Instances
 
 Image = np.ndarray | torch.Tensor  # (H, W, C) array or (C, H, W) tensor
@@ -200,6 +206,26 @@ def instance_rles(det: Detections) -> list[RLE] | None:
     if isinstance(det, Instances) and det.masks is not None:
         return [mask_to_rle(m) for m in det.masks.to("cpu").numpy()]
     return None
+
+
+def detection_records(det: Detections, names: Sequence[str]) -> list[dict[str, Any]]:
+    """JSON-ready ``[{"label", "class", "score", "box": xyxy pixels}]`` of ``det``; instances add
+    ``"mask"`` (COCO compressed RLE in image pixels) and ``"area"`` (its pixels)."""
+    rles = instance_rles(det)
+    records = []
+    for i, (box, score, label) in enumerate(
+        zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), strict=True)
+    ):
+        record = {
+            "label": label,
+            "class": names[label] if label < len(names) else str(label),
+            "score": round(score, 5),
+            "box": [round(v, 2) for v in box],
+        }
+        if rles is not None:
+            record["mask"], record["area"] = rles[i], rle_area(rles[i])
+        records.append(record)
+    return records
 
 
 def instance_masks(

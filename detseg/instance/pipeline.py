@@ -9,30 +9,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from detseg.data.images import list_images, read_image, write_image
-from detseg.detection.coco_eval import detections_to_coco, write_coco_results
-from detseg.detection.pipeline import _coco_ids, _record, detect_image, slice_config
-from detseg.detection.sliced import CroppedInstances, DetectFn, instance_rles
-from detseg.engine.progress import count_progress
+from detseg.data.images import list_images
+from detseg.detection.pipeline import predict_files, slice_config
+from detseg.detection.sliced import DetectFn
 from detseg.errors import DetsegError
 from detseg.instance.polarmask import PolarMask
 from detseg.instance.polarmask_infer import OFFICIAL_INPUT_SIZE, draw_instances, predict_image
 from detseg.instance.tensormask import TensorMask, d2_test_size
-from detseg.ops.masks import rle_area
 from detseg.results import Instances
 
 if TYPE_CHECKING:
     from detseg.api import LoadedModel
-
-
-def _above(inst: Instances, threshold: float) -> Instances:
-    keep = inst.scores >= threshold
-    if isinstance(inst, CroppedInstances):
-        return inst.select(keep)
-    masks = inst.masks[keep] if inst.masks is not None else None
-    return Instances(
-        inst.boxes[keep], inst.scores[keep], inst.labels[keep], inst.class_names, masks
-    )
 
 
 def _official_size(model: LoadedModel, image: np.ndarray) -> tuple[int, int] | None:
@@ -89,32 +76,20 @@ def predict_instance_files(
     to their extent and merged with the boxes). ``save_coco`` writes every instance (no
     threshold) as a COCO segm results file, ids as ``detseg predict`` gives them for detection.
     """
-    paths = list_images(source)
-    slice_cfg = slice_config(slice, overlap, merge, match, full_image, batch_size)
-    detect = instance_detector(model, max_size)
-    names = list(model.class_names)
-    num_classes = int(getattr(model.model, "num_classes", len(names)))
-    ids, cats = _coco_ids(coco_gt, paths, names, num_classes) if save_coco else ([], [])
-    records, results = [], []
-    with count_progress(len(paths), "predict", enabled=progress) as advance:
-        for i, path in enumerate(paths):
-            image = read_image(path)
-            inst = detect_image(detect, image, slice_cfg)
-            if save_coco:
-                results += detections_to_coco(ids[i], inst, cats, iou_type="segm")
-            inst = _above(inst, score_threshold)
-            record = _record(path, image, inst, names)
-            for entry, rle in zip(record["detections"], instance_rles(inst) or [], strict=False):
-                entry["mask"], entry["area"] = rle, rle_area(rle)
-            if out_dir is not None:
-                target = Path(out_dir) / f"{path.stem}_inst.jpg"
-                write_image(target, draw_instances(image, inst, score_threshold))
-                record["outputs"] = [str(target)]
-            records.append(record)
-            advance(1)
-    if save_coco:
-        write_coco_results(save_coco, results)
-    return records
+    return predict_files(
+        model,
+        list_images(source),
+        instance_detector(model, max_size),
+        slice_config(slice, overlap, merge, match, full_image, batch_size),
+        out_dir,
+        draw=lambda image, inst: draw_instances(image, inst, score_threshold),
+        suffix="inst",
+        score_threshold=score_threshold,
+        iou_type="segm",
+        save_coco=save_coco,
+        coco_gt=coco_gt,
+        progress=progress,
+    )
 
 
 def evaluate_instance(
