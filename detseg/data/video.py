@@ -103,7 +103,8 @@ class VideoWriter:
         return self
 
     def write(self, frame: np.ndarray) -> None:
-        """Append one (H, W, 3) uint8 RGB frame; every frame must have the first frame's size."""
+        """Append one (H, W, 3) uint8 RGB or (H, W) uint8 gray frame; every frame must have the
+        first frame's size."""
         av = _av()
         if self._stream is None:
             h, w = frame.shape[:2]
@@ -111,7 +112,8 @@ class VideoWriter:
             self._stream.width, self._stream.height = w, h
             self._stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
             self._stream.options = {"crf": str(self.crf), "preset": self.preset}
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        layout = "gray" if frame.ndim == 2 else "rgb24"
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=layout)
         self._container.mux(self._stream.encode(video_frame))
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from detseg.predictor import Predictor
 
 Frames = list[np.ndarray]  # (H, W, 3) uint8 RGB
-Render = Callable[[Frames], Sequence[Mapping[str, np.ndarray]]]
+Infer = Callable[[Frames], Sequence[Any]]
+Draw = Callable[[Any, np.ndarray], Mapping[str, np.ndarray]]
 VIDEO_GREEN = (120, 255, 155)  # the background of matted videos (they have no alpha channel)
 
 
@@ -42,15 +43,19 @@ def batches(frames: Iterable[np.ndarray], size: int) -> Iterator[Frames]:
 def map_video(
     source: str | Path,
     targets: Mapping[str, str | Path],
-    render: Render,
+    infer: Infer,
+    draw: Draw,
     batch_size: int = 8,
     advance: Callable[[int], None] | None = None,
 ) -> tuple[VideoInfo, int]:
-    """Run ``render`` over ``source``'s frames, ``batch_size`` at a time, writing each output.
+    """Run ``infer`` over ``source``'s frames, ``batch_size`` at a time, and write what ``draw``
+    makes of each result.
 
     Args:
-        targets: output kind -> video path; ``render(frames)`` returns, per frame, a mapping from
-            every kind to an (H, W, 3) uint8 RGB (or (H, W) gray) frame.
+        targets: output kind -> video path.
+        infer: ``infer(frames)`` -> one result per frame (the model's work, on this thread).
+        draw: ``draw(result, frame)`` -> a mapping from every kind to an (H, W, 3) uint8 RGB (or
+            (H, W) gray, or RGBA) frame; runs on the writer thread, beside the next ``infer``.
         advance: called with the number of frames after every batch (a progress bar).
 
     Returns:
@@ -63,9 +68,9 @@ def map_video(
         for writer in writers.values():
             stack.enter_context(writer)
         background = stack.enter_context(BackgroundWriter())
-        # decoding (prefetch thread), inference (here) and encoding (writer thread) overlap
+        # decoding (prefetch thread), inference (here), drawing and encoding (writer thread)
         for frames in prefetch(batches(read_frames(source), batch_size)):
-            background.submit(_write_batch, writers, render(frames))
+            background.submit(_write_batch, writers, draw, infer(frames), frames)
             count += len(frames)
             if advance is not None:
                 advance(len(frames))
@@ -73,17 +78,19 @@ def map_video(
 
 
 def _write_batch(
-    writers: Mapping[str, VideoWriter], rendered: Sequence[Mapping[str, np.ndarray]]
+    writers: Mapping[str, VideoWriter], draw: Draw, results: Sequence[Any], frames: Frames
 ) -> None:
-    for outputs in rendered:
+    for result, frame in zip(results, frames, strict=True):
+        outputs = draw(result, frame)
         for kind, writer in writers.items():
             writer.write(_as_rgb(outputs[kind]))
 
 
 def _as_rgb(frame: np.ndarray) -> np.ndarray:
-    """(H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> (H, W, 3) RGB (RGBA over green)."""
+    """(H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> the writer's frame: gray stays
+    (H, W) (``VideoWriter`` encodes it without an RGB copy), RGBA goes over green."""
     if frame.ndim == 2:
-        return np.repeat(frame[..., None], 3, axis=2)
+        return frame
     if frame.shape[2] == 4:
         alpha = frame[..., 3:].astype(np.float32) / 255.0
         green = np.asarray(VIDEO_GREEN, np.float32)
@@ -113,14 +120,16 @@ def predict_video(
     source = Path(source)
     target = Path(out_dir) / f"{source.stem}_{predictor.task}.mp4"
 
-    def render(frames: Frames) -> list[dict[str, np.ndarray]]:
-        predictions = predictor.predict_batch(frames, bgr=bgr)
-        return [{"video": p.render(f)} for p, f in zip(predictions, frames, strict=True)]
+    def infer(frames: Frames) -> list[Any]:
+        return predictor.predict_batch(frames, bgr=bgr)
+
+    def draw(prediction: Any, frame: np.ndarray) -> dict[str, np.ndarray]:
+        return {"video": prediction.render(frame)}
 
     total = video_info(source).frames
     start = time.perf_counter()
     with count_progress(total, "frames", enabled=progress) as advance:
-        info, count = map_video(source, {"video": target}, render, batch_size, advance)
+        info, count = map_video(source, {"video": target}, infer, draw, batch_size, advance)
     seconds = time.perf_counter() - start
     return {
         "file": str(source),

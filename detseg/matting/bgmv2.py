@@ -258,16 +258,19 @@ def _resized_crop(x: Tensor, cells: Tensor, size: int, pad: int, out_hw: tuple[i
     p, lr, lc = rows.shape[0], rows.shape[-1], cols.shape[-1]
     r = (row0 + torch.arange(lr, device=x.device)).clamp(max=h - 1)  # (P, lr)
     q = (col0 + torch.arange(lc, device=x.device)).clamp(max=w - 1)  # (P, lc)
-    flat = ((cells[:, 0, None, None] * h + r[:, :, None]) * w + q[:, None, :]).reshape(-1)
     rows, cols = rows.to(x.dtype), cols.to(x.dtype)
     if c >= 8:  # (P, lr, lc*C) windows: two matrix products per window
-        pixels = x.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
+        flat = ((cells[:, 0, None, None] * h + r[:, :, None]) * w + q[:, None, :]).reshape(-1)
+        pixels = x.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)  # a view if channels-last
         window = pixels.index_select(0, flat).view(p, lr, lc * c)
         half = torch.matmul(rows, window).view(p, -1, lc, c).transpose(1, 2)  # (P, lc, win, C)
         out = torch.matmul(cols, half.reshape(p, lc, -1)).view(p, cols.shape[1], -1, c)
         return out.permute(0, 3, 2, 1)  # (P, C, win, win), channels-last strides
-    planes = x.transpose(0, 1).reshape(c, b * h * w)  # a view when B == 1 and x is NCHW
-    window = planes.index_select(1, flat).view(c, p, lr, lc)
+    # plane by plane straight from x's NCHW storage: no copy of x whatever B is
+    planes = torch.arange(c, device=x.device) * (h * w)
+    pixel = (cells[:, 0, None, None] * c * h + r[:, :, None]) * w + q[:, None, :]  # (P, lr, lc)
+    index = (planes[:, None] + pixel.reshape(1, -1)).reshape(-1)
+    window = x.contiguous().view(-1).index_select(0, index).view(c, p, lr, lc)
     out = torch.matmul(torch.matmul(rows, window), cols.transpose(1, 2))  # (C, P, win, win)
     return out.transpose(0, 1)
 
@@ -409,7 +412,8 @@ class Refiner(nn.Module):
         """``forward``'s cell path on windows, same arguments -> (pha, fgr residual) at (H, W)."""
         h, w = src.shape[-2:]
         p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
-        coarse = torch.cat([hid, pha, fgr], dim=1)
+        # channels-last once, not per chunk: _resized_crop gathers its pixels from that layout
+        coarse = torch.cat([hid, pha, fgr], dim=1).contiguous(memory_format=torch.channels_last)
         pha, fgr = (_resize(t.contiguous(), (h, w)) for t in (pha, fgr))  # NCHW: fastest here
         selected = torch.nonzero(ref.squeeze(1))  # (P, 3) rows (b, i, j)
         for start in range(0, selected.shape[0], self.chunk):

@@ -72,9 +72,11 @@ def matte_batch(
     srcs: Sequence[np.ndarray],
     bgr: np.ndarray,
     device: torch.device | str | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``matte_pair`` of several same-size photos (video frames) against one plate, in one
-    forward pass; one dict of maps per photo."""
+    forward pass; one dict of maps per photo. ``outputs`` (kinds of ``OUTPUTS``): only the maps
+    they need are brought to full size and to the CPU (None: all)."""
     for src in srcs:
         if src.shape != bgr.shape:
             raise DetsegError(
@@ -94,14 +96,25 @@ def matte_batch(
         out = model(s, b)
     pha, fgr, err = (out[0], out[1], out[4]) if refine else out[:3]
     full = s.shape[-2:]
-    maps = {
-        "pha": pha,
-        "fgr": fgr,
-        "err": F.interpolate(err, size=full, mode="bilinear", align_corners=False),
-    }
-    if refine:
+    needed = _needed_maps(outputs, refine)
+    maps = {"pha": pha, "fgr": fgr}
+    if "err" in needed:
+        maps["err"] = F.interpolate(err, size=full, mode="bilinear", align_corners=False)
+    if "ref" in needed:
         maps["ref"] = F.interpolate(out[5], size=full, mode="nearest")
-    return [{k: _to_numpy(v[i, :, :h, :w]) for k, v in maps.items()} for i in range(len(srcs))]
+    return [
+        {k: _to_numpy(v[i, :, :h, :w]) for k, v in maps.items() if k in needed}
+        for i in range(len(srcs))
+    ]
+
+
+def _needed_maps(outputs: Sequence[str] | None, refine: bool) -> set[str]:
+    """The maps ``outputs`` are rendered from (``com`` is made of ``pha`` and ``fgr``)."""
+    every = {"pha", "fgr", "err", "ref"} if refine else {"pha", "fgr", "err"}
+    if outputs is None:
+        return every
+    needed = {m for kind in outputs for m in (("pha", "fgr") if kind == "com" else (kind,))}
+    return needed & every
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -111,7 +124,11 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    """[0, 1] float32 -> uint8, rounding half to even (one temporary, updated in place)."""
+    out = np.multiply(x, np.float32(255.0), dtype=np.float32)
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 def composite(pha: np.ndarray, fgr: np.ndarray, background: Background = None) -> np.ndarray:
@@ -123,7 +140,10 @@ def composite(pha: np.ndarray, fgr: np.ndarray, background: Background = None) -
     if background is None:
         return _to_uint8(np.concatenate([fgr * (a > 0), a], axis=2))
     bg = np.asarray(background, dtype=np.float32) / 255.0
-    return _to_uint8(fgr * a + bg * (1.0 - a))
+    mixed = np.subtract(fgr, bg, dtype=np.float32)  # bg + a * (fgr - bg): fewer passes
+    mixed *= a
+    mixed += bg
+    return _to_uint8(mixed)
 
 
 def render(maps: dict[str, np.ndarray], kind: str, background: Background = None) -> np.ndarray:
@@ -263,9 +283,11 @@ def _matte_video(
     bg = _fit_background(VIDEO_GREEN if background is None else background, size, resize_bgr)
     targets = {kind: out_dir / kind / f"{source.stem}.mp4" for kind in kinds}
 
-    def render_batch(frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        maps = matte_batch(model, frames, plate, device)
-        return [{kind: render(m, kind, bg) for kind in kinds} for m in maps]
+    def infer(frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        return matte_batch(model, frames, plate, device, kinds)
+
+    def draw(maps: dict[str, np.ndarray], frame: np.ndarray) -> dict[str, np.ndarray]:
+        return {kind: render(maps, kind, bg) for kind in kinds}
 
     done = 0
 
@@ -275,7 +297,7 @@ def _matte_video(
         if progress is not None:
             progress(done, info.frames)
 
-    map_video(source, targets, render_batch, batch_size, advance)
+    map_video(source, targets, infer, draw, batch_size, advance)
     return list(targets.values())
 
 
