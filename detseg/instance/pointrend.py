@@ -240,7 +240,7 @@ class PointRendMaskHead(nn.Module):
         coords = regular_grid(r, res, p2.device).to(p2.dtype)
         keep = (lambda x: class_channel(x, classes)) if self.fast_inference else (lambda x: x)
         logits = keep(self._point_logits(p2, boxes, coords, coarse))
-        logits = logits.reshape(r, -1, res, res)
+        logits = logits.reshape(r, logits.shape[1], res, res)
         if r == 0:
             return logits, coarse
         for _ in range(self.steps):
