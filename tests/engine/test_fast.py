@@ -19,7 +19,7 @@ from detseg.engine.fast import (
     for_inference,
 )
 from detseg.errors import DetsegError
-from detseg.matting.bgmv2 import MattingRefine, _crop, _resize, _resized_crop
+from detseg.matting.bgmv2 import MattingRefine, _crop, _resize, _resized_crop, _shrink
 from detseg.registry import get_entry, list_models
 from tests.parity import fixture_names, parity_dir, run_fixture
 
@@ -149,6 +149,15 @@ def test_resized_crop_equals_crop_of_resize(out_hw: tuple[int, int], channels: i
     torch.testing.assert_close(_resized_crop(x, cells, 2, 3, out_hw), expected, atol=1e-5, rtol=0)
     expected = _crop(x if out_hw == (13, 21) else _resize(x, out_hw), cells, 2, 0)
     torch.testing.assert_close(_resized_crop(x, cells, 2, 0, out_hw), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((1, 3, 108, 192), (27, 48)), ((2, 3, 101, 77), (25, 19)), ((1, 6, 40, 40), (13, 7))],
+)
+def test_shrink_equals_interpolate(shape: tuple[int, ...], size: tuple[int, int]) -> None:
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_shrink(x, size), _resize(x, size), atol=1e-6, rtol=0)
 
 
 def test_bf16_path_returns_float32_close_to_reference() -> None:
