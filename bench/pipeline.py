@@ -6,7 +6,8 @@ model figure is ``detect([image])`` (pre-processing, network, decoding) on decod
 pipeline ``predict_detection_files`` (JPEG decoding, drawing, JPEG writing, read-ahead and writer
 threads). Matting: BGMv2 MobileNetV2 (HD, sampling 80,000 px) on an H.264 video made of the
 bgm_pairs photos (0001, 0500 alternating) against the plate; model = ``matte_batch`` on decoded
-frames in the pipeline's batches of 8 (the maps com and pha need, on the CPU), pipeline =
+frames in the pipeline's batches (``video_batch_size``: 1 on the CPU, 8 on a GPU; the maps com and
+pha need, on the CPU), pipeline =
 ``matte_files`` writing the com and pha videos (decoding, compositing, two H.264 encoders).
 """
 
@@ -23,10 +24,9 @@ from detseg.api import fast_model, load_model
 from detseg.data.images import list_images, read_image
 from detseg.data.video import VideoWriter, read_frames
 from detseg.detection.pipeline import detector_fn, predict_detection_files
-from detseg.matting.bgmv2_infer import matte_batch, matte_files, matte_pair
+from detseg.matting.bgmv2_infer import matte_batch, matte_files, video_batch_size
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-VIDEO_BATCH = 8  # frames per forward pass in ``detseg matte`` on a video
 
 
 def _rate(count: int, seconds: float) -> float:
@@ -63,10 +63,11 @@ def matting_row(device: torch.device, count: int, out: Path) -> tuple[str, float
             writer.write(frames[i % 2])
     loaded = fast_model(load_model("bgmv2_mobilenetv2", device=device))
     decoded = list(read_frames(video))
-    matte_pair(loaded.model, decoded[0], plate)  # warm-up
+    batch = video_batch_size(device)
+    matte_batch(loaded.model, decoded[:batch], plate, outputs=("com", "pha"))  # warm-up
     start = time.perf_counter()
-    for i in range(0, len(decoded), VIDEO_BATCH):  # the pipeline's batches and outputs
-        matte_batch(loaded.model, decoded[i : i + VIDEO_BATCH], plate, outputs=("com", "pha"))
+    for i in range(0, len(decoded), batch):  # the pipeline's batches and outputs
+        matte_batch(loaded.model, decoded[i : i + batch], plate, outputs=("com", "pha"))
     model = _rate(len(decoded), time.perf_counter() - start)
     start = time.perf_counter()
     matte_files(loaded.model, video, pairs / "0001_back.png", out / "matte", ("com", "pha"))
@@ -75,7 +76,7 @@ def matting_row(device: torch.device, count: int, out: Path) -> tuple[str, float
 
 
 def main(device: torch.device, quick: bool = False) -> None:
-    count = 4 if quick else 16
+    count = 8 if quick else 48  # images, frames (6 batches of the video)
     print("| pipeline | model images/s | pipeline images/s | pipeline / model |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -459,6 +459,9 @@ class Refiner(nn.Module):
         """``forward``'s cell path on windows, same arguments -> (pha, fgr residual) at (H, W)."""
         h, w = src.shape[-2:]
         p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
+        # NCHW photo and plate once, not per chunk (_resized_crop reads planes from that storage;
+        # callers may pass channels-last frames or a plate expanded over the batch)
+        src, bgr = src.contiguous(), bgr.contiguous()
         # channels-last once, not per chunk: _resized_crop gathers its pixels from that layout
         coarse = torch.cat([hid, pha, fgr], dim=1).contiguous(memory_format=torch.channels_last)
         pha, fgr = (_resize(t.contiguous(), (h, w)) for t in (pha, fgr))  # NCHW: fastest here
