@@ -185,3 +185,13 @@ def test_precision_errors() -> None:
     fast = for_inference(loaded)
     assert fast.model is not loaded.model and type(fast.model) is type(loaded.model)
     _assert_same(loaded.model, fast.model, (torch.rand(1, 3, 30, 40),), 1e-4)
+
+
+def test_keep_freed_memory_applies_once_on_glibc() -> None:
+    import platform
+
+    from detseg.engine.fast import keep_freed_memory
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected
+    assert keep_freed_memory() is expected  # cached: the mallopt calls run once per process
