@@ -23,7 +23,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from detseg.fileio import atomic_output
 from detseg.results import Detections
 
 IouType = Literal["bbox", "segm", "boundary"]
-IOU_TYPES = ("bbox", "segm", "boundary")
+IOU_TYPES = get_args(IouType)
 
 STAT_NAMES = (
     "AP",
@@ -256,10 +256,10 @@ def detections_to_coco(
 ) -> list[dict[str, Any]]:
     """One image's detections as COCO result dicts.
 
-    Contiguous labels become ``category_ids[label]``; xyxy boxes become xywh. For "segm" (and "boundary") the masks
-    of ``Instances`` (or the crops of sliced ``CroppedInstances``) become compressed RLE and no
-    ``bbox`` is written (so that COCO's ``loadRes`` takes area and box from the mask, as
-    detectron2 does).
+    Contiguous labels become ``category_ids[label]``; xyxy boxes become xywh. For "segm" and
+    "boundary" the masks of ``Instances`` (or the crops of sliced ``CroppedInstances``) become
+    compressed RLE and no ``bbox`` is written (so that COCO's ``loadRes`` takes area and box from
+    the mask, as detectron2 does).
     """
     boxes = det.boxes.detach().to("cpu", torch.float64)
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()

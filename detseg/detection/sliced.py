@@ -139,17 +139,11 @@ class CroppedInstances(Instances):
         return out
 
     def select(self, keep: torch.Tensor) -> CroppedInstances:
-        """The detections where ``keep`` (N,) bool is True, in order."""
-        idx = torch.nonzero(keep).flatten()
-        return CroppedInstances(
-            self.boxes[idx],
-            self.scores[idx],
-            self.labels[idx],
-            self.class_names,
-            crops=[self.crops[i] for i in idx.tolist()],
-            origins=[self.origins[i] for i in idx.tolist()],
-            image_hw=self.image_hw,
-        )
+        """The detections where ``keep`` (N,) bool is True, in order, crops included."""
+        out = super().select(keep)
+        idx = torch.nonzero(keep).flatten().tolist()
+        out.crops, out.origins = [self.crops[i] for i in idx], [self.origins[i] for i in idx]
+        return out
 
 
 def _extent(mask: torch.Tensor, x0: int, y0: int) -> Crop:

@@ -83,10 +83,10 @@ def _write_batch(
     for result, frame in zip(results, frames, strict=True):
         outputs = draw(result, frame)
         for kind, writer in writers.items():
-            writer.write(_as_rgb(outputs[kind]))
+            writer.write(_writer_frame(outputs[kind]))
 
 
-def _as_rgb(frame: np.ndarray) -> np.ndarray:
+def _writer_frame(frame: np.ndarray) -> np.ndarray:
     """(H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> the writer's frame: gray stays
     (H, W) (``VideoWriter`` encodes it without an RGB copy), RGBA goes over green."""
     if frame.ndim == 2:
