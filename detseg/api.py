@@ -423,9 +423,7 @@ def coco_eval(
     """COCO evaluation of a results file (``CocoEvaluation``: ``stats``, ``per_class()``, ``table()``)."""
     from detseg.detection.coco_eval import run_coco_eval
 
-    if iou_type not in ("bbox", "segm"):
-        raise DetsegError(f"--iou-type {iou_type!r}: use bbox or segm.")
-    evaluation = run_coco_eval(gt, results, iou_type)  # type: ignore[arg-type]
+    evaluation = run_coco_eval(gt, results, iou_type)  # type: ignore[arg-type]  # checks it
     if plot is not None:
         evaluation.plot_pr(plot)
     return evaluation

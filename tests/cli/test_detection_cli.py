@@ -52,3 +52,15 @@ def test_convert_via_to_coco_and_bad_json(shared, tmp_path):
     (tmp_path / "bad.json").write_text('{"images": [')
     bad = runner.invoke(app, ["coco-eval", str(tmp_path / "bad.json"), str(tmp_path / "val.json")])
     assert bad.exit_code == 2 and "bad.json" in bad.stderr
+
+
+def test_coco_eval_boundary_and_unknown_iou_type(shared):
+    ref = shared / "data" / "cocoeval_reference"
+    args = ["coco-eval", str(need(ref / "gt.json")), str(need(ref / "results_segm.json"))]
+    result = runner.invoke(app, [*args, "--iou-type", "boundary", "--json"])
+    assert result.exit_code == 0, result.output
+    boundary = json.loads(result.stdout)["stats"][0]
+    segm = json.loads((ref / "EXPECTED_pycocotools_stats.json").read_text())["segm"][0]
+    assert 0 < boundary <= segm  # each match keeps the smaller of mask and boundary IoU
+    bad = runner.invoke(app, [*args, "--iou-type", "nope"])
+    assert bad.exit_code == 2 and "use bbox, segm or boundary" in bad.stderr
