@@ -13,7 +13,7 @@ model, except the refiner's 2x upsamples, which are nearest.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,12 @@ class Decoder(nn.Module):
 
     Each stage resizes to its skip's exact size and concatenates [upsampled, skip]; the last skip is
     the raw 6-channel input and its conv (with bias) outputs the 37 raw channels.
+
+    ``fast_inference`` (set by ``detseg.engine.fast``): in eval, the last stage convolves the two
+    parts separately and adds (the same sum, without concatenating two full-size maps).
     """
+
+    fast_inference = False
 
     def __init__(
         self,
@@ -126,8 +131,12 @@ class Decoder(nn.Module):
         ):
             x = torch.cat([_resize(x, skip.shape[-2:]), skip], dim=1)
             x = self.relu(bn(conv(x)))
-        x = torch.cat([_resize(x, x0.shape[-2:]), x0], dim=1)
-        return self.conv4(x)
+        x = _resize(x, x0.shape[-2:])
+        if self.fast_inference and not self.training:
+            c, weight = x.shape[1], self.conv4.weight
+            out = F.conv2d(x, weight[:, :c], self.conv4.bias, padding=1)
+            return out.add_(F.conv2d(x0, weight[:, c:], padding=1))
+        return self.conv4(torch.cat([x, x0], dim=1))
 
 
 class MattingBase(nn.Module):
@@ -289,37 +298,65 @@ def _resize_matrix(dst: Tensor, in_size: int, out_size: int) -> tuple[Tensor, Te
     return start, a
 
 
-def _resized_crop(x: Tensor, cells: Tensor, size: int, pad: int, out_hw: tuple[int, int]) -> Tensor:
-    """``_crop(_resize(x, out_hw), cells, size, pad)`` without making the resized map.
+def _resized_crop(
+    maps: Tensor | Sequence[Tensor], cells: Tensor, size: int, pad: int, out_hw: tuple[int, int]
+) -> Tensor:
+    """``_crop(_resize(x, out_hw), cells, size, pad)`` without making the resized map, for ``x``
+    the concatenation of ``maps`` along channels (without making it either).
 
-    x (B, C, h, w) -> (P, C, win, win), ``win = size + 2*pad``: each window gathers the few input
-    rows and columns it needs (one ``index_select``) and applies its two bilinear resize matrices
-    (batched matrix products), so the cost follows the windows, not the image size. ``out_hw`` equal
-    to x's size makes it a plain crop. Many-channel maps are gathered pixel by pixel (channels
-    last), few-channel ones plane by plane.
+    maps: (B, C_k, h, w) each -> (P, sum C_k, win, win), ``win = size + 2*pad``, stored
+    channels-last (what the fast path's convolutions read, and what ``torch.cat`` of such
+    windows keeps): each window gathers the few input rows and columns it needs and applies its
+    two bilinear resize matrices (batched matrix products), so the cost follows the windows,
+    not the image size. ``out_hw`` equal to the maps' size makes it a plain crop (a gather).
     """
-    b, c, h, w = x.shape
-    offsets = torch.arange(-pad, size + pad, device=x.device)
-    row0, rows = _resize_matrix(cells[:, 1:2] * size + offsets, h, out_hw[0])
-    col0, cols = _resize_matrix(cells[:, 2:3] * size + offsets, w, out_hw[1])
-    p, lr, lc = rows.shape[0], rows.shape[-1], cols.shape[-1]
-    r = (row0 + torch.arange(lr, device=x.device)).clamp(max=h - 1)  # (P, lr)
-    q = (col0 + torch.arange(lc, device=x.device)).clamp(max=w - 1)  # (P, lc)
-    rows, cols = rows.to(x.dtype), cols.to(x.dtype)
-    if c >= 8:  # (P, lr, lc*C) windows: two matrix products per window
-        flat = ((cells[:, 0, None, None] * h + r[:, :, None]) * w + q[:, None, :]).reshape(-1)
-        pixels = x.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)  # a view if channels-last
-        window = pixels.index_select(0, flat).view(p, lr, lc * c)
-        half = torch.matmul(rows, window).view(p, -1, lc, c).transpose(1, 2)  # (P, lc, win, C)
-        out = torch.matmul(cols, half.reshape(p, lc, -1)).view(p, cols.shape[1], -1, c)
-        return out.permute(0, 3, 2, 1)  # (P, C, win, win), channels-last strides
-    # plane by plane straight from x's NCHW storage: no copy of x whatever B is
-    planes = torch.arange(c, device=x.device) * (h * w)
-    pixel = (cells[:, 0, None, None] * c * h + r[:, :, None]) * w + q[:, None, :]  # (P, lr, lc)
-    index = (planes[:, None] + pixel.reshape(1, -1)).reshape(-1)
-    window = x.contiguous().view(-1).index_select(0, index).view(c, p, lr, lc)
-    out = torch.matmul(torch.matmul(rows, window), cols.transpose(1, 2))  # (C, P, win, win)
-    return out.transpose(0, 1)
+    maps = [maps] if isinstance(maps, Tensor) else list(maps)
+    h, w = maps[0].shape[-2:]
+    device = maps[0].device
+    offsets = torch.arange(-pad, size + pad, device=device)
+    rows_out, cols_out = cells[:, 1:2] * size + offsets, cells[:, 2:3] * size + offsets  # (P, win)
+    if out_hw == (h, w):  # a plain crop: zeros outside the image
+        window = _gather_windows(
+            maps, cells[:, 0], rows_out.clamp(0, h - 1), cols_out.clamp(0, w - 1)
+        )
+        if pad:
+            inside = ((rows_out >= 0) & (rows_out < h))[:, :, None] & (
+                (cols_out >= 0) & (cols_out < w)
+            )[:, None, :]
+            window = window * inside[..., None].to(window.dtype)
+        return window.permute(0, 3, 1, 2)
+    row0, rows = _resize_matrix(rows_out, h, out_hw[0])
+    col0, cols = _resize_matrix(cols_out, w, out_hw[1])
+    p, win, lr, lc = rows.shape[0], rows.shape[1], rows.shape[-1], cols.shape[-1]
+    r = (row0 + torch.arange(lr, device=device)).clamp(max=h - 1)  # (P, lr)
+    q = (col0 + torch.arange(lc, device=device)).clamp(max=w - 1)  # (P, lc)
+    window = _gather_windows(maps, cells[:, 0], r, q)  # (P, lr, lc, C)
+    c = window.shape[-1]
+    half = torch.matmul(rows.to(window.dtype), window.view(p, lr, lc * c))  # (P, win, lc * C)
+    across = cols.to(window.dtype).repeat_interleave(win, dim=0)  # (P * win, win, lc)
+    out = torch.bmm(across, half.view(p * win, lc, c)).view(p, win, win, c)
+    return out.permute(0, 3, 1, 2)
+
+
+def _gather_windows(maps: list[Tensor], batch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """maps (B, C_k, h, w), per window its image (P,), rows (P, R) and columns (P, Q) in range ->
+    (P, R, Q, sum C_k) contiguous. A map whose channels are adjacent in memory (channels-last, or
+    a channel slice of such a map) is gathered pixel vector by pixel vector, any other element by
+    element from its NCHW planes; no map is copied."""
+    b, _, h, w = maps[0].shape
+    pixel = (batch[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]  # (P, R, Q)
+    parts = []
+    for x in maps:
+        c, step = x.shape[1], x.stride(3)  # step: elements from one pixel to the next
+        if c > 1 and x.stride(1) == 1 and x.stride(2) == w * step and x.stride(0) == h * w * step:
+            pixels = x.as_strided((b * h * w, c), (step, 1))
+            parts.append(pixels.index_select(0, pixel.reshape(-1)).view(*pixel.shape, c))
+            continue
+        x = x.contiguous()
+        planes = torch.arange(c, device=x.device) * (h * w)  # offset of channel k in image 0
+        index = (pixel + batch[:, None, None] * ((c - 1) * h * w))[..., None] + planes
+        parts.append(x.view(-1).index_select(0, index.reshape(-1)).view(*pixel.shape, c))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _paste_(x: Tensor, cells: Tensor, patches: Tensor) -> None:
@@ -345,13 +382,16 @@ class Refiner(nn.Module):
         prevent_oversampling: sampling mode: drop selected cells whose error is exactly 0.
 
     ``fast_inference`` (an attribute, False by default; ``detseg.engine.fast`` sets it): in eval,
-    the sampling and thresholding modes resize only the windows around the selected cells
-    (``_resized_crop``), in chunks of ``chunk`` cells, and paste in place: the same outputs up to
-    float rounding, without the full-resolution temporaries.
+    the sampling and thresholding modes run on square tiles of ``t`` x ``t`` selected cells
+    (``t`` from ``tile_sizes``, whichever costs the convolutions least), resize only the windows
+    around those tiles (``_resized_crop``), about ``chunk`` cells' worth of windows at a time,
+    and paste the selected cells in place: the same outputs up to float rounding, without the
+    full-resolution temporaries.
     """
 
     fast_inference = False
     chunk = 2048
+    tile_sizes: tuple[int, ...] = (1, 2, 4, 8)
 
     def __init__(
         self,
@@ -456,27 +496,103 @@ class Refiner(nn.Module):
     def _refine_fast(
         self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor, ref: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """``forward``'s cell path on windows, same arguments -> (pha, fgr residual) at (H, W)."""
+        """``forward``'s cell path on tiles, same arguments -> (pha, fgr residual) at (H, W).
+
+        The selected cells are grouped into square tiles of ``t`` x ``t`` cells (``_tile_size``)
+        and the refiner runs densely on each tile's window: a cell's output depends only on
+        the window around it, so it is the same whichever tile computes it, while neighbouring
+        cells share the overlap of their windows instead of each recomputing it (``t = 1`` is
+        the per-cell computation of ``forward``). Only the selected cells are pasted.
+        """
         h, w = src.shape[-2:]
         p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
-        # NCHW photo and plate once, not per chunk (_resized_crop reads planes from that storage;
+        # NCHW photo and plate once, not per chunk (their windows are read from the planes;
         # callers may pass channels-last frames or a plate expanded over the batch)
         src, bgr = src.contiguous(), bgr.contiguous()
-        # channels-last once, not per chunk: _resized_crop gathers its pixels from that layout
-        coarse = torch.cat([hid, pha, fgr], dim=1).contiguous(memory_format=torch.channels_last)
-        pha, fgr = (_resize(t.contiguous(), (h, w)) for t in (pha, fgr))  # NCHW: fastest here
-        selected = torch.nonzero(ref.squeeze(1))  # (P, 3) rows (b, i, j)
-        for start in range(0, selected.shape[0], self.chunk):
-            cells = selected[start : start + self.chunk]
-            x = torch.cat(
-                [_resized_crop(t, cells, 2, p, (h // 2, w // 2)) for t in (coarse, src, bgr)], dim=1
+        coarse = (hid, pha, fgr)  # gathered window by window: never concatenated whole
+        pha_out, fgr_out = (_resize(t.contiguous(), (h, w)) for t in (pha, fgr))  # NCHW: fastest
+        cells = torch.nonzero(ref.squeeze(1))  # (P, 3) rows (b, i, j)
+        t = self._tile_size(cells, ref.shape[-2:])
+        tiles, cells, first = _tiles(cells, ref.shape[-2:], t)
+        per_chunk = max(1, self.chunk * (2 + 2 * p) ** 2 // (2 * t + 2 * p) ** 2)
+        centre = slice(2 * p - q, 2 * p + q + 4 * t)
+        for start in range(0, tiles.shape[0], per_chunk):
+            stop = min(start + per_chunk, tiles.shape[0])
+            chunk = tiles[start:stop]
+            # one full-resolution crop of photo and plate gives both stages their windows: the
+            # half-resolution one of stage 1 is its 2x2 mean (h and w are even, so the bilinear
+            # 2x downsample weighs the two source pixels 1/2 each), the one of stage 2 its centre
+            full = _resized_crop((src, bgr), chunk, 4 * t, 2 * p, (h, w))  # (n, 6, R, R)
+            x = _resized_crop(coarse, chunk, 2 * t, p, (h // 2, w // 2))
+            x = self._stage1(torch.cat([x, _halve(full)], dim=1))
+            out = self._stage2(_nearest2x_beside(x, full[..., centre, centre]))  # (n, 4, 4t, 4t)
+            mine = cells[first[start] : first[stop]]  # (m, 3), grouped by tile
+            owner = torch.repeat_interleave(
+                torch.arange(stop - start, device=src.device),
+                first[start + 1 : stop + 1] - first[start:stop],
             )
-            x = F.interpolate(self._stage1(x), size=(4 + 2 * q, 4 + 2 * q), mode="nearest")
-            crops = [_resized_crop(t, cells, 4, q, (h, w)) for t in (src, bgr)]
-            out = self._stage2(torch.cat([x, *crops], dim=1))
-            _paste_(pha, cells, out[:, 0:1])
-            _paste_(fgr, cells, out[:, 1:4])
-        return pha, fgr
+            blocks = out.unflatten(2, (t, 4)).unflatten(4, (t, 4)).permute(0, 2, 4, 1, 3, 5)
+            patches = blocks[owner, mine[:, 1] % t, mine[:, 2] % t]  # (m, 4, 4, 4)
+            _paste_(pha_out, mine, patches[:, 0:1])
+            _paste_(fgr_out, mine, patches[:, 1:4])
+        return pha_out, fgr_out
+
+    def _tile_size(self, cells: Tensor, grid: tuple[int, int]) -> int:
+        """The tile side (in cells, one of ``tile_sizes``) whose tiles covering ``cells`` (P, 3)
+        of a (Hq, Wq) ``grid`` cost the refiner's convolutions the fewest multiply-adds."""
+        k = self.kernel_size
+        p, q = (3, 2) if k == 3 else (0, 0)
+        convs = (self.conv1, self.conv2, self.conv3, self.conv4)
+
+        def cost(t: int) -> float:
+            sides = (2 * t + 2 * p - (k - 1), 2 * t + 2 * p - 2 * (k - 1), 4 * t + 2 * q - (k - 1))
+            per_tile = sum(
+                s * s * c.weight[0].numel() * c.out_channels
+                for s, c in zip((*sides, 4 * t), convs, strict=True)
+            )
+            return torch.unique(_tile_keys(cells, grid, t)).numel() * per_tile
+
+        return min(self.tile_sizes, key=cost)
+
+
+def _halve(x: Tensor) -> Tensor:
+    """(P, C, 2h, 2w) -> (P, C, h, w) means of 2x2 blocks, summed as ``F.interpolate``'s
+    bilinear 2x downsample weighs them (columns, then rows)."""
+    pairs = x[..., 0::2] + x[..., 1::2]
+    return (pairs[..., 0::2, :] + pairs[..., 1::2, :]).mul_(0.25)
+
+
+def _nearest2x_beside(x: Tensor, other: Tensor) -> Tensor:
+    """``torch.cat([F.interpolate(x, scale_factor=2, mode="nearest"), other], dim=1)`` written
+    once, channels-last: x (P, C, h, w), other (P, D, 2h, 2w) -> (P, C + D, 2h, 2w)."""
+    n, c, h, w = x.shape
+    out = x.new_empty((n, 2 * h, 2 * w, c + other.shape[1]))
+    nearest = out[..., :c].unflatten(1, (h, 2)).unflatten(3, (w, 2))  # (P, h, 2, w, 2, C)
+    nearest.copy_(x.permute(0, 2, 3, 1)[:, :, None, :, None, :])
+    out[..., c:].copy_(other.permute(0, 2, 3, 1))
+    return out.permute(0, 3, 1, 2)
+
+
+def _tile_keys(cells: Tensor, grid: tuple[int, int], t: int) -> Tensor:
+    """(P,) row-major index of the ``t`` x ``t`` tile of each cell (b, i, j) of a (Hq, Wq) grid."""
+    tiles_h, tiles_w = -(-grid[0] // t), -(-grid[1] // t)
+    return (cells[:, 0] * tiles_h + cells[:, 1] // t) * tiles_w + cells[:, 2] // t
+
+
+def _tiles(cells: Tensor, grid: tuple[int, int], t: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Square tiles of ``t`` x ``t`` cells covering ``cells`` (P, 3) (b, i, j) of a (Hq, Wq) grid.
+
+    Returns ``(tiles (N, 3), cells (P, 3), first (N + 1,))``, int64: the tiles (b, ti, tj) holding
+    a cell, row-major; the cells grouped by tile (tile n holds ``cells[first[n]:first[n + 1]]``).
+    """
+    key, order = _tile_keys(cells, grid, t).sort(stable=True)
+    unique, counts = torch.unique_consecutive(key, return_counts=True)
+    tiles_h, tiles_w = -(-grid[0] // t), -(-grid[1] // t)
+    tiles = torch.stack(
+        [unique // (tiles_h * tiles_w), unique // tiles_w % tiles_h, unique % tiles_w], dim=1
+    )
+    first = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return tiles, cells[order], first
 
 
 class MattingRefine(MattingBase):

@@ -19,7 +19,15 @@ from detseg.engine.fast import (
     for_inference,
 )
 from detseg.errors import DetsegError
-from detseg.matting.bgmv2 import MattingRefine, _crop, _resize, _resized_crop, _shrink
+from detseg.matting.bgmv2 import (
+    MattingRefine,
+    Refiner,
+    _crop,
+    _resize,
+    _resized_crop,
+    _shrink,
+    _tiles,
+)
 from detseg.registry import get_entry, list_models
 from tests.parity import fixture_names, parity_dir, run_fixture
 
@@ -94,7 +102,10 @@ def test_every_model_fast_path_matches_reference(name: str) -> None:
 
 @pytest.mark.parametrize("mode", ["sampling", "thresholding"])
 @pytest.mark.parametrize("kernel_size", [1, 3])
-def test_bgmv2_fast_refiner_matches_reference(mode: str, kernel_size: int) -> None:
+@pytest.mark.parametrize("tile_sizes", [(1,), (2,), (8,), (1, 2, 4, 8)])
+def test_bgmv2_fast_refiner_matches_reference(
+    mode: str, kernel_size: int, tile_sizes: tuple[int, ...]
+) -> None:
     torch.manual_seed(0)
     model = MattingRefine(
         "mobilenetv2",
@@ -106,9 +117,24 @@ def test_bgmv2_fast_refiner_matches_reference(mode: str, kernel_size: int) -> No
     model = _random_statistics(model)
     model.refiner.chunk = 16  # several chunks
     fast = accelerate(model)
+    fast.refiner.tile_sizes = tile_sizes  # 8: tiles reaching past the 18 x 25 cell grid
     assert fast.refiner.fast_inference and not model.refiner.fast_inference
     inputs = (torch.rand(2, 3, 72, 100), torch.rand(2, 3, 72, 100))
     _assert_same(model, fast, inputs, 1e-5)
+
+
+def test_bgmv2_refiner_tiles_follow_the_selection() -> None:
+    refiner = Refiner("sampling", sample_pixels=80_000, threshold=0.1)
+    block = torch.cartesian_prod(torch.zeros(1).long(), torch.arange(16), torch.arange(16))
+    assert refiner._tile_size(block, (64, 64)) == 8  # a dense 16 x 16 block of cells
+    scattered = torch.cartesian_prod(
+        torch.zeros(1).long(), torch.arange(0, 64, 9), torch.arange(0, 64, 9)
+    )
+    assert refiner._tile_size(scattered, (64, 64)) == 1  # isolated cells: one window each
+    tiles, cells, first = _tiles(block, (64, 64), 8)
+    assert tiles.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
+    assert first.tolist() == [0, 64, 128, 192, 256]
+    assert ((cells[64:128, 1] < 8) & (cells[64:128, 2] >= 8)).all()  # tile (0, 1)'s cells
 
 
 @pytest.mark.parametrize(
