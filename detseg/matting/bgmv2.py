@@ -123,6 +123,13 @@ class Decoder(nn.Module):
 
     def forward(self, x4: Tensor, x3: Tensor, x2: Tensor, x1: Tensor, x0: Tensor) -> Tensor:
         """x4 (B, 256, 1/16) and the encoder skips -> (B, 37, H, W) raw decoder output."""
+        x = self.last_input(x4, x3, x2, x1)
+        if self.fast_inference and not self.training:
+            return self.last_conv(_resize(x, x0.shape[-2:]), x0, slice(None))
+        return self.conv4(torch.cat([_resize(x, x0.shape[-2:]), x0], dim=1))
+
+    def last_input(self, x4: Tensor, x3: Tensor, x2: Tensor, x1: Tensor) -> Tensor:
+        """The first three stages: (B, 48, H/2, W/2), what the last stage upsamples."""
         x = x4
         for conv, bn, skip in (
             (self.conv1, self.bn1, x3),
@@ -131,12 +138,13 @@ class Decoder(nn.Module):
         ):
             x = torch.cat([_resize(x, skip.shape[-2:]), skip], dim=1)
             x = self.relu(bn(conv(x)))
-        x = _resize(x, x0.shape[-2:])
-        if self.fast_inference and not self.training:
-            c, weight = x.shape[1], self.conv4.weight
-            out = F.conv2d(x, weight[:, :c], self.conv4.bias, padding=1)
-            return out.add_(F.conv2d(x0, weight[:, c:], padding=1))
-        return self.conv4(torch.cat([x, x0], dim=1))
+        return x
+
+    def last_conv(self, x: Tensor, x0: Tensor, channels: slice) -> Tensor:
+        """Output ``channels`` of ``conv4`` on ``cat([x, x0])``, as two convolutions summed."""
+        weight, bias = self.conv4.weight[channels], self.conv4.bias[channels]
+        out = F.conv2d(x, weight[:, : x.shape[1]], bias, padding=1)
+        return out.add_(F.conv2d(x0, weight[:, x.shape[1] :], padding=1))
 
 
 class MattingBase(nn.Module):
@@ -165,12 +173,16 @@ class MattingBase(nn.Module):
 
     def _decode(self, src: Tensor, bgr: Tensor) -> Tensor:
         """(B, 3, h, w) pair -> (B, 37, h, w) raw channels [alpha, fgr residual (3), err, hidden (32)]."""
+        x4, x3, x2, x1, x0 = self._encode(src, bgr)
+        return self.decoder(self.aspp(x4), x3, x2, x1, x0)
+
+    def _encode(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, ...]:
+        """(B, 3, h, w) pair -> the backbone's ``(x4, x3, x2, x1, x0)``."""
         x = torch.cat([src, bgr], dim=1)
         if _channels_last_weights(self.backbone):  # the fast path's layout (``engine.fast``): the
-            # decoder's last concatenation then joins channels-last maps, without a layout copy
+            # decoder's last stage then reads channels-last maps, without a layout copy
             x = x.contiguous(memory_format=torch.channels_last)
-        x4, x3, x2, x1, x0 = self.backbone(x)
-        return self.decoder(self.aspp(x4), x3, x2, x1, x0)
+        return self.backbone(x)
 
     def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         d = self._decode(src, bgr)
@@ -299,7 +311,11 @@ def _resize_matrix(dst: Tensor, in_size: int, out_size: int) -> tuple[Tensor, Te
 
 
 def _resized_crop(
-    maps: Tensor | Sequence[Tensor], cells: Tensor, size: int, pad: int, out_hw: tuple[int, int]
+    maps: Tensor | Sequence[Tensor | _ConvWindows],
+    cells: Tensor,
+    size: int,
+    pad: int,
+    out_hw: tuple[int, int],
 ) -> Tensor:
     """``_crop(_resize(x, out_hw), cells, size, pad)`` without making the resized map, for ``x``
     the concatenation of ``maps`` along channels (without making it either).
@@ -319,12 +335,7 @@ def _resized_crop(
         window = _gather_windows(
             maps, cells[:, 0], rows_out.clamp(0, h - 1), cols_out.clamp(0, w - 1)
         )
-        if pad:
-            inside = ((rows_out >= 0) & (rows_out < h))[:, :, None] & (
-                (cols_out >= 0) & (cols_out < w)
-            )[:, None, :]
-            window = window * inside[..., None].to(window.dtype)
-        return window.permute(0, 3, 1, 2)
+        return _zero_outside(window, rows_out, cols_out, h, w).permute(0, 3, 1, 2)
     row0, rows = _resize_matrix(rows_out, h, out_hw[0])
     col0, cols = _resize_matrix(cols_out, w, out_hw[1])
     p, win, lr, lc = rows.shape[0], rows.shape[1], rows.shape[-1], cols.shape[-1]
@@ -338,25 +349,74 @@ def _resized_crop(
     return out.permute(0, 3, 1, 2)
 
 
-def _gather_windows(maps: list[Tensor], batch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def _zero_outside(window: Tensor, rows: Tensor, cols: Tensor, h: int, w: int) -> Tensor:
+    """window (P, R, Q, C) gathered at clamped ``rows`` (P, R) and ``cols`` (P, Q) of an h x w
+    map -> the same with zeros where the unclamped position lies outside the map (in place;
+    only the windows reaching outside are touched)."""
+    rows_in, cols_in = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
+    edge = torch.nonzero(~(rows_in.all(1) & cols_in.all(1))).squeeze(1)
+    if edge.numel():
+        inside = rows_in[edge][:, :, None] & cols_in[edge][:, None, :]
+        window[edge] = window[edge] * inside[..., None].to(window.dtype)
+    return window
+
+
+def _gather_windows(
+    maps: list[Tensor | _ConvWindows], batch: Tensor, rows: Tensor, cols: Tensor
+) -> Tensor:
     """maps (B, C_k, h, w), per window its image (P,), rows (P, R) and columns (P, Q) in range ->
     (P, R, Q, sum C_k) contiguous. A map whose channels are adjacent in memory (channels-last, or
     a channel slice of such a map) is gathered pixel vector by pixel vector, any other element by
     element from its NCHW planes; no map is copied."""
     b, _, h, w = maps[0].shape
     pixel = (batch[:, None, None] * h + rows[:, :, None]) * w + cols[:, None, :]  # (P, R, Q)
-    parts = []
+    parts, plane_index = [], {}  # plane_index: per channel count, shared by the maps having it
     for x in maps:
+        if isinstance(x, _ConvWindows):
+            parts.append(x.windows(batch, rows, cols))
+            continue
         c, step = x.shape[1], x.stride(3)  # step: elements from one pixel to the next
         if c > 1 and x.stride(1) == 1 and x.stride(2) == w * step and x.stride(0) == h * w * step:
             pixels = x.as_strided((b * h * w, c), (step, 1))
             parts.append(pixels.index_select(0, pixel.reshape(-1)).view(*pixel.shape, c))
             continue
-        x = x.contiguous()
-        planes = torch.arange(c, device=x.device) * (h * w)  # offset of channel k in image 0
-        index = (pixel + batch[:, None, None] * ((c - 1) * h * w))[..., None] + planes
-        parts.append(x.view(-1).index_select(0, index.reshape(-1)).view(*pixel.shape, c))
+        if c not in plane_index:
+            planes = torch.arange(c, device=x.device) * (h * w)  # offset of channel k in image 0
+            index = (pixel + batch[:, None, None] * ((c - 1) * h * w))[..., None] + planes
+            plane_index[c] = index.reshape(-1)
+        window = x.contiguous().view(-1).index_select(0, plane_index[c])
+        parts.append(window.view(*pixel.shape, c))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class _ConvWindows:
+    """The ReLU'd output ``channels`` of ``conv`` (3 x 3, padding 1) on the concatenation of
+    ``maps`` (B, C_k, h, w), computed only on the windows ``_gather_windows`` asks for.
+
+    The fast path's hidden decoder channels: they feed nothing but the refiner's windows, a
+    fifth of the coarse map at HD, so the decoder's widest convolution runs on those alone.
+    """
+
+    def __init__(self, conv: nn.Conv2d, maps: tuple[Tensor, ...], channels: slice) -> None:
+        self.maps = list(maps)
+        self.weight = conv.weight[channels]
+        self.bias = None if conv.bias is None else conv.bias[channels]
+        b, _, h, w = maps[0].shape
+        self.shape = torch.Size((b, self.weight.shape[0], h, w))
+        self.device = maps[0].device
+
+    def windows(self, batch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """Windows (image (P,), rows (P, R), columns (P, Q), in range, each window's rows within
+        R consecutive ones and columns within Q) -> (P, R, Q, C) outputs."""
+        h, w = self.shape[-2:]
+        top, left = rows.min(1, keepdim=True).values, cols.min(1, keepdim=True).values
+        span_r = top + torch.arange(-1, rows.shape[1] + 1, device=rows.device)  # (P, R + 2)
+        span_c = left + torch.arange(-1, cols.shape[1] + 1, device=cols.device)
+        x = _gather_windows(self.maps, batch, span_r.clamp(0, h - 1), span_c.clamp(0, w - 1))
+        x = _zero_outside(x, span_r, span_c, h, w)  # the convolution's zero padding
+        out = F.conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias).relu_().permute(0, 2, 3, 1)
+        picked = torch.arange(rows.shape[0], device=rows.device)[:, None, None]
+        return out[picked, (rows - top)[:, :, None], (cols - left)[:, None, :]]
 
 
 def _paste_(x: Tensor, cells: Tensor, patches: Tensor) -> None:
@@ -460,7 +520,8 @@ class Refiner(nn.Module):
         h, w = src.shape[-2:]
         half, quarter = (h // 2, w // 2), (h // 4, w // 4)
         if self.fast_inference and self.mode != "full" and not self.training:
-            ref = self.select(_resize(err, quarter))
+            # a resize to the same size is the identity (the HD setting's coarse map is H/4)
+            ref = self.select(err if err.shape[-2:] == quarter else _resize(err, quarter))
             return (*self._refine_fast(src, bgr, pha, fgr, hid, ref), ref)
         src_bgr = torch.cat([src, bgr], dim=1)
         x = _resize(torch.cat([hid, pha, fgr], dim=1), half)
@@ -647,11 +708,20 @@ class MattingRefine(MattingBase):
         if h % 4 or w % 4:
             raise ValueError(f"MattingRefine needs H and W divisible by 4, got {h}x{w}")
         src_sm, bgr_sm = (self._downsample(t) for t in (src, bgr))
-        d = self._decode(src_sm, bgr_sm)
+        if self.refiner.fast_inference and not self.training and self.refiner.mode != "full":
+            # the 32 hidden channels feed only the refiner's windows: computed there, on demand
+            x4, x3, x2, x1, x0 = self._encode(src_sm, bgr_sm)
+            x = _resize(self.decoder.last_input(self.aspp(x4), x3, x2, x1), x0.shape[-2:])
+            d = self.decoder.last_conv(x, x0, slice(0, 5))
+            hid_sm: Tensor | _ConvWindows = _ConvWindows(
+                self.decoder.conv4, (x, x0), slice(5, None)
+            )
+        else:
+            d = self._decode(src_sm, bgr_sm)
+            hid_sm = d[:, 5:].relu()
         pha_sm = d[:, 0:1].clamp(0.0, 1.0)
         fgr_res_sm = d[:, 1:4]
         err_sm = d[:, 4:5].clamp(0.0, 1.0)
-        hid_sm = d[:, 5:].relu()
         pha, fgr_res, ref_sm = self.refiner(src, bgr, pha_sm, fgr_res_sm, err_sm, hid_sm)
         if self.refiner.fast_inference and not self.training:  # its outputs are fresh: in place
             pha, fgr = pha.clamp_(0.0, 1.0), fgr_res.add_(src).clamp_(0.0, 1.0)
