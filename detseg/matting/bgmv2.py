@@ -390,20 +390,31 @@ def _gather_windows(
 
 
 class _ConvWindows:
-    """The ReLU'd output ``channels`` of ``conv`` (3 x 3, padding 1) on the concatenation of
-    ``maps`` (B, C_k, h, w), computed only on the windows ``_gather_windows`` asks for.
+    """The ReLU'd output ``channels`` of the decoder's last convolution (3 x 3, padding 1) on the
+    concatenation of its inputs ``maps`` (B, C_k, h, w), computed only on the windows
+    ``_gather_windows`` asks for.
 
     The fast path's hidden decoder channels: they feed nothing but the refiner's windows, a
     fifth of the coarse map at HD, so the decoder's widest convolution runs on those alone.
     """
 
-    def __init__(self, conv: nn.Conv2d, maps: tuple[Tensor, ...], channels: slice) -> None:
-        self.maps = list(maps)
-        self.weight = conv.weight[channels]
-        self.bias = None if conv.bias is None else conv.bias[channels]
+    def __init__(self, decoder: Decoder, maps: tuple[Tensor, Tensor], channels: slice) -> None:
+        self.decoder, self.maps, self.channels = decoder, list(maps), channels
+        self.weight = decoder.conv4.weight[channels]
+        self.bias = decoder.conv4.bias[channels]
         b, _, h, w = maps[0].shape
         self.shape = torch.Size((b, self.weight.shape[0], h, w))
         self.device = maps[0].device
+
+    def dense_if_cheaper(self, count: int, side: int) -> Tensor | _ConvWindows:
+        """Itself, or the whole output map (B, C, h, w) when ``count`` windows of ``side`` x
+        ``side`` pixels would cover (with their halo) more than half of the map: scattered
+        cells then overlap little, and one dense convolution costs less than the windows."""
+        if count * (side + 2) ** 2 <= self.shape[-2] * self.shape[-1] // 2:
+            return self
+        x = self.maps[0].shape[1]
+        out = F.conv2d(self.maps[0], self.weight[:, :x], self.bias, padding=1)
+        return out.add_(F.conv2d(self.maps[1], self.weight[:, x:], padding=1)).relu_()
 
     def windows(self, batch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """Windows (image (P,), rows (P, R), columns (P, Q), in range, each window's rows within
@@ -575,6 +586,9 @@ class Refiner(nn.Module):
         cells = torch.nonzero(ref.squeeze(1))  # (P, 3) rows (b, i, j)
         t = self._tile_size(cells, ref.shape[-2:])
         tiles, cells, first = _tiles(cells, ref.shape[-2:], t)
+        if isinstance(hid, _ConvWindows):  # a window's side on the coarse map, resize taps included
+            side = -(-(2 * t + 2 * p) * hid.shape[-2] // (h // 2)) + 1
+            coarse = (hid.dense_if_cheaper(tiles.shape[0], side), pha, fgr)
         per_chunk = max(1, self.chunk * (2 + 2 * p) ** 2 // (2 * t + 2 * p) ** 2)
         centre = slice(2 * p - q, 2 * p + q + 4 * t)
         for start in range(0, tiles.shape[0], per_chunk):
@@ -713,9 +727,7 @@ class MattingRefine(MattingBase):
             x4, x3, x2, x1, x0 = self._encode(src_sm, bgr_sm)
             x = _resize(self.decoder.last_input(self.aspp(x4), x3, x2, x1), x0.shape[-2:])
             d = self.decoder.last_conv(x, x0, slice(0, 5))
-            hid_sm: Tensor | _ConvWindows = _ConvWindows(
-                self.decoder.conv4, (x, x0), slice(5, None)
-            )
+            hid_sm: Tensor | _ConvWindows = _ConvWindows(self.decoder, (x, x0), slice(5, None))
         else:
             d = self._decode(src_sm, bgr_sm)
             hid_sm = d[:, 5:].relu()
