@@ -61,6 +61,7 @@ def onnx_runner(model: MattingRefine, h: int, w: int, threads: int, folder: Path
 
 def bench(backbone: str, size: str, iters: int, threads: int) -> list[tuple[str, float]]:
     h, w, scale, pixels = SIZES[size]
+    torch.manual_seed(0)  # the refined cells follow the random weights
     model = MattingRefine(
         backbone,
         backbone_scale=scale,

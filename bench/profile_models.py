@@ -118,7 +118,8 @@ def polarmask_case() -> Callable[[], object]:
 CASES: dict[str, tuple[str, Callable[[], Callable[[], object]], bool]] = {
     "bgmv2": (
         "BGMv2 MobileNetV2, HD, sampling 80,000 px (fast path)",
-        lambda: _model_case("bgmv2_mobilenetv2", 1080, 1920),
+        # the guard off, as bench/run.py: random weights leave the error 0 on all but ~8 cells
+        lambda: _model_case("bgmv2_mobilenetv2", 1080, 1920, refine_prevent_oversampling=False),
         True,
     ),
     "espnet": ("ESPNet 480x360 (fast path)", lambda: _model_case("espnet", 360, 480), True),

@@ -614,7 +614,10 @@ class Refiner(nn.Module):
 
     def _tile_size(self, cells: Tensor, grid: tuple[int, int]) -> int:
         """The tile side (in cells, one of ``tile_sizes``) whose tiles covering ``cells`` (P, 3)
-        of a (Hq, Wq) ``grid`` cost the refiner's convolutions the fewest multiply-adds."""
+        of a (Hq, Wq) ``grid`` should cost the refiner least: the convolutions' multiply-adds
+        over those tiles, weighted by ``1 + 2 / t`` for the lower throughput of small windows
+        (per multiply-add, a whole HD frame ran about 1.5x slower with t = 1 than with t = 2
+        and 1.15-1.3x slower with t = 4 than with t = 8; ``bench/bgmv2_selection.py``'s cases)."""
         k = self.kernel_size
         p, q = (3, 2) if k == 3 else (0, 0)
         convs = (self.conv1, self.conv2, self.conv3, self.conv4)
@@ -625,7 +628,7 @@ class Refiner(nn.Module):
                 s * s * c.weight[0].numel() * c.out_channels
                 for s, c in zip((*sides, 4 * t), convs, strict=True)
             )
-            return torch.unique(_tile_keys(cells, grid, t)).numel() * per_tile
+            return torch.unique(_tile_keys(cells, grid, t)).numel() * per_tile * (1 + 2 / t)
 
         return min(self.tile_sizes, key=cost)
 
