@@ -20,8 +20,11 @@ from detseg.engine.fast import (
 )
 from detseg.errors import DetsegError
 from detseg.matting.bgmv2 import (
+    _SKIP_CHANNELS,
+    Decoder,
     MattingRefine,
     Refiner,
+    _ConvWindows,
     _crop,
     _resize,
     _resized_crop,
@@ -121,6 +124,41 @@ def test_bgmv2_fast_refiner_matches_reference(
     assert fast.refiner.fast_inference and not model.refiner.fast_inference
     inputs = (torch.rand(2, 3, 72, 100), torch.rand(2, 3, 72, 100))
     _assert_same(model, fast, inputs, 1e-5)
+
+
+def test_bgmv2_fast_path_with_hidden_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few cells on a larger frame: the hidden channels are computed on the windows alone."""
+    torch.manual_seed(0)
+    model = _random_statistics(
+        MattingRefine(
+            "mobilenetv2", refine_sample_pixels=16 * 12, refine_prevent_oversampling=False
+        )
+    )
+    calls = []
+    windows = _ConvWindows.windows
+    monkeypatch.setattr(
+        _ConvWindows, "windows", lambda self, *a: calls.append(1) or windows(self, *a)
+    )
+    inputs = (torch.rand(1, 3, 256, 320), torch.rand(1, 3, 256, 320))
+    _assert_same(model, accelerate(model), inputs, 1e-5)
+    assert calls
+
+
+def test_bgmv2_hidden_channels_on_windows_equal_the_dense_map() -> None:
+    torch.manual_seed(0)
+    decoder = Decoder(feature_channels=_SKIP_CHANNELS["mobilenetv2"]).eval()
+    x, x0 = torch.randn(2, 48, 20, 30), torch.randn(2, 6, 20, 30)
+    lazy = _ConvWindows(decoder, (x, x0), slice(5, None))
+    with torch.no_grad():
+        dense = decoder.last_conv(x, x0, slice(5, None)).relu()
+        batch = torch.tensor([0, 1, 1])
+        start = torch.tensor([[-2], [7], [15]])  # windows over the top, inside, past the bottom
+        rows = (start + torch.arange(6)).clamp(0, 19)
+        cols = (torch.tensor([[26], [-1], [10]]) + torch.arange(5)).clamp(0, 29)
+        expected = dense.permute(0, 2, 3, 1)[batch[:, None, None], rows[:, :, None], cols[:, None]]
+        torch.testing.assert_close(lazy.windows(batch, rows, cols), expected, atol=1e-5, rtol=0)
+        assert lazy.dense_if_cheaper(3, 6) is lazy  # 3 windows: a fraction of the map
+        torch.testing.assert_close(lazy.dense_if_cheaper(40, 6), dense, atol=1e-5, rtol=0)
 
 
 def test_bgmv2_refiner_tiles_follow_the_selection() -> None:
