@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 
 from detseg.engine.fast import accelerate, example_inputs
-from detseg.matting.bgmv2 import MattingRefine, _tile_keys
+from detseg.matting.bgmv2 import MattingRefine
+from detseg.matting.bgmv2_windows import tile_keys
 from detseg.registry import get_entry
 
 GRID = (270, 480)  # the HD frame's 4x4 cells
@@ -86,7 +87,7 @@ def main() -> None:
                     best[key] = min(best[key], time.perf_counter() - start)
             cells = torch.nonzero(outputs["ref"][-1].squeeze(1))
             side = paths["fast"].refiner._tile_size(cells, GRID)
-            tiles = torch.unique(_tile_keys(cells, GRID, side)).numel()
+            tiles = torch.unique(tile_keys(cells, GRID, side)).numel()
             diff = max(float((a - b).abs().max()) for a, b in zip(*outputs.values(), strict=True))
             print(
                 f"| {name} | {side} | {tiles} | {best['ref'] * 1e3:.0f} | "

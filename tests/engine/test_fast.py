@@ -19,18 +19,8 @@ from detseg.engine.fast import (
     for_inference,
 )
 from detseg.errors import DetsegError
-from detseg.matting.bgmv2 import (
-    _SKIP_CHANNELS,
-    Decoder,
-    MattingRefine,
-    Refiner,
-    _ConvWindows,
-    _crop,
-    _resize,
-    _resized_crop,
-    _shrink,
-    _tiles,
-)
+from detseg.matting.bgmv2 import _SKIP_CHANNELS, Decoder, MattingRefine, Refiner, _crop, _resize
+from detseg.matting.bgmv2_windows import ConvWindows, group_tiles, resized_crop, shrink
 from detseg.registry import get_entry, list_models
 from tests.parity import fixture_names, parity_dir, run_fixture
 
@@ -135,9 +125,9 @@ def test_bgmv2_fast_path_with_hidden_windows(monkeypatch: pytest.MonkeyPatch) ->
         )
     )
     calls = []
-    windows = _ConvWindows.windows
+    windows = ConvWindows.windows
     monkeypatch.setattr(
-        _ConvWindows, "windows", lambda self, *a: calls.append(1) or windows(self, *a)
+        ConvWindows, "windows", lambda self, *a: calls.append(1) or windows(self, *a)
     )
     inputs = (torch.rand(1, 3, 256, 320), torch.rand(1, 3, 256, 320))
     _assert_same(model, accelerate(model), inputs, 1e-5)
@@ -148,7 +138,7 @@ def test_bgmv2_hidden_channels_on_windows_equal_the_dense_map() -> None:
     torch.manual_seed(0)
     decoder = Decoder(feature_channels=_SKIP_CHANNELS["mobilenetv2"]).eval()
     x, x0 = torch.randn(2, 48, 20, 30), torch.randn(2, 6, 20, 30)
-    lazy = _ConvWindows(decoder, (x, x0), slice(5, None))
+    lazy = ConvWindows(decoder, (x, x0), slice(5, None))
     with torch.no_grad():
         dense = decoder.last_conv(x, x0, slice(5, None)).relu()
         batch = torch.tensor([0, 1, 1])
@@ -169,7 +159,7 @@ def test_bgmv2_refiner_tiles_follow_the_selection() -> None:
         torch.zeros(1).long(), torch.arange(0, 64, 9), torch.arange(0, 64, 9)
     )
     assert refiner._tile_size(scattered, (64, 64)) == 1  # isolated cells: one window each
-    tiles, cells, first = _tiles(block, (64, 64), 8)
+    tiles, cells, first = group_tiles(block, (64, 64), 8)
     assert tiles.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
     assert first.tolist() == [0, 64, 128, 192, 256]
     assert ((cells[64:128, 1] < 8) & (cells[64:128, 2] >= 8)).all()  # tile (0, 1)'s cells
@@ -210,9 +200,9 @@ def test_resized_crop_equals_crop_of_resize(out_hw: tuple[int, int], channels: i
     cells = torch.tensor([[0, 0, 0], [1, 2, 3], [0, 3, 5], [1, 1, 4]])  # corners and inside
     cells = cells[(cells[:, 1] * 2 < out_hw[0]) & (cells[:, 2] * 2 < out_hw[1])]
     expected = _crop(_resize(x, out_hw), cells, 2, 3)
-    torch.testing.assert_close(_resized_crop(x, cells, 2, 3, out_hw), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(resized_crop(x, cells, 2, 3, out_hw), expected, atol=1e-5, rtol=0)
     expected = _crop(x if out_hw == (13, 21) else _resize(x, out_hw), cells, 2, 0)
-    torch.testing.assert_close(_resized_crop(x, cells, 2, 0, out_hw), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(resized_crop(x, cells, 2, 0, out_hw), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -221,7 +211,7 @@ def test_resized_crop_equals_crop_of_resize(out_hw: tuple[int, int], channels: i
 )
 def test_shrink_equals_interpolate(shape: tuple[int, ...], size: tuple[int, int]) -> None:
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(_shrink(x, size), _resize(x, size), atol=1e-6, rtol=0)
+    torch.testing.assert_close(shrink(x, size), _resize(x, size), atol=1e-6, rtol=0)
 
 
 def test_bf16_path_returns_float32_close_to_reference() -> None:
