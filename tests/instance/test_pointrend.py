@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from detseg.engine.fast import accelerate
 from detseg.errors import CheckpointError
 from detseg.instance.maskrcnn import convert_detectron2
 from detseg.instance.pointrend import PointRendMaskHead, PointRendRCNN
@@ -34,6 +35,21 @@ def test_schedule_and_empty_input() -> None:
         boxes = torch.tensor([[2.0, 3.0, 20.0, 25.0]])
         logits, _ = head(torch.randn(1, 8, 8, 8), boxes, torch.tensor([2.0]))
     assert logits.shape == (1, 1, 224, 224) and torch.isfinite(logits).all()
+
+
+def test_fast_path_subdivides_to_the_same_logits() -> None:
+    """accelerate's head (predicted class only, point layers as row convolutions) = the reference."""
+    torch.manual_seed(0)
+    head = PointRendMaskHead(in_channels=8, num_classes=3, conv_dim=8, fc_dim=16, point_fc_dim=8)
+    head.eval()
+    fast = accelerate(head)
+    assert fast.point_head.fast_inference and not head.point_head.fast_inference
+    p2 = torch.randn(1, 8, 16, 16)
+    boxes = torch.tensor([[2.0, 3.0, 40.0, 50.0], [10.0, 0.0, 60.0, 30.0]])
+    classes = torch.tensor([2.0, 0.0])
+    with torch.no_grad():
+        expected, actual = head(p2, boxes, classes)[0], fast(p2, boxes, classes)[0]
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_whole_model_runs_and_renders_at_224() -> None:
