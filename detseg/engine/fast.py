@@ -95,7 +95,8 @@ def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every BatchNorm2d / FrozenBatchNorm2d folded into the
     Conv2d registered just before it in the same parent (how the conv-BN pairs of these networks
-    are wired), the BN made an Identity.
+    are wired), or into the Conv2d whose own ``norm`` it is (detectron2's ``Conv2d(norm=...)``,
+    ``backbones.d2.ConvNorm``), the BN made an Identity.
 
     Same outputs up to float rounding, one pass over each feature map less; for inference only (the
     copy's state dict no longer has the BN keys). Every registered model's folded outputs are checked
@@ -109,6 +110,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 setattr(parent, previous[0], _fold(previous[1], child))
                 setattr(parent, name, nn.Identity())
             previous = (name, child)
+    for conv in fused.modules():  # detectron2's layout: the norm is the conv's own ``.norm``
+        norm = getattr(conv, "norm", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.Module) and _foldable(norm):
+            folded = _fold(conv, norm)
+            conv.weight, conv.bias = folded.weight, folded.bias
+            conv.norm = nn.Identity()
     return fused
 
 

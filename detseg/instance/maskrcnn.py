@@ -223,9 +223,10 @@ class MaskRCNN(nn.Module):
         return losses
 
     def detect(
-        self, image: Tensor, output_size: tuple[int, int]
+        self, image: Tensor, output_size: tuple[int, int], mask_dtype: torch.dtype = torch.bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Unpadded: boxes (D, 4) in output pixels, scores (D,), classes (D,) int64, masks (D, h, w) bool."""
+        """Unpadded: boxes (D, 4) in output pixels, scores (D,), classes (D,) int64, masks
+        (D, h, w) 0/1 of ``mask_dtype``."""
         size = (int(image.shape[-2]), int(image.shape[-1]))
         feats = self.features(image)
         proposals = self.proposal_generator(feats, [size])
@@ -237,7 +238,7 @@ class MaskRCNN(nn.Module):
         boxes = clip_boxes(boxes, out_h, out_w)
         keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
         boxes, scores, classes, probs = boxes[keep], scores[keep], classes[keep], probs[keep]
-        masks = paste_masks(probs, boxes, out_h, out_w, self.mask_threshold)
+        masks = paste_masks(probs, boxes, out_h, out_w, self.mask_threshold, mask_dtype)
         return boxes, scores, classes, masks
 
     @torch.no_grad()
@@ -266,13 +267,14 @@ class MaskRCNN(nn.Module):
 
     def forward(self, image: Tensor, output_size: Tensor) -> tuple[Tensor, ...]:
         out_h, out_w = (int(v) for v in output_size.tolist())
-        boxes, scores, classes, masks = self.detect(image, (out_h, out_w))
+        # masks pasted as floats: no bool -> float copy of the (D, h, w) stack
+        boxes, scores, classes, masks = self.detect(image, (out_h, out_w), image.dtype)
         k = self.detections_per_image
         return (
             pad_rows(boxes, k, 0.0),
             pad_rows(scores, k, 0.0),
             pad_rows(classes.float(), k, -1.0),
-            pad_rows(masks.to(boxes.dtype), k, 0.0),
+            pad_rows(masks, k, 0.0),
             torch.tensor([float(len(boxes))], device=boxes.device),
         )
 

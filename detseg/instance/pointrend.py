@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from detseg.backbones.d2 import c2_msra_fill, c2_xavier_fill, normal_fill
 from detseg.instance.maskrcnn import MaskRCNN, d2_official
 from detseg.instance.roi_heads import RoIHeads, mask_rcnn_loss, mask_targets
+from detseg.ops.linear import linear_by_conv
 from detseg.ops.point_sample import (
     box_points_to_image,
     point_sample,
@@ -72,15 +73,19 @@ class CoarseMaskHead(nn.Module):
         return self.prediction(x).view(-1, *self.out_shape)
 
 
+def _fc(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    return linear_by_conv(x, conv.weight, conv.bias)
+
+
 class PointHead(nn.Module):
     """detectron2 ``StandardPointHead``: fine (R, C, P) + coarse (R, K, P) -> logits (R, K, P).
 
     With ``coarse_pred_each_layer`` the coarse logits are concatenated after every hidden layer
     (instances), otherwise only at the input (semantic segmentation).
 
-    ``fast_inference`` (set by ``detseg.engine.fast``): in eval, the points are laid out as the
-    pixels of a channels-last map and the 1x1 layers run as 1x1 ``conv2d`` (``_conv_rows``): the
-    same products, at 2-3x the throughput ``conv1d`` reaches on these shapes on the CPU.
+    ``fast_inference`` (set by ``detseg.engine.fast``): in eval, one row of channels per point and
+    the 1x1 layers as ``linear_by_conv`` (oneDNN 1x1 convolutions): the same products, at 2-3x
+    the throughput ``conv1d`` reaches on these shapes on the CPU.
     """
 
     fast_inference = False
@@ -122,18 +127,10 @@ class PointHead(nn.Module):
         coarse_rows = coarse.transpose(1, 2).reshape(r * p, -1)
         x = torch.cat((fine.transpose(1, 2).reshape(r * p, -1), coarse_rows), dim=1)
         for k in range(self.num_fc):
-            x = _conv_rows(x, getattr(self, f"fc{k + 1}")).relu_()
+            x = _fc(x, getattr(self, f"fc{k + 1}")).relu_()
             if self.coarse_pred_each_layer:
                 x = torch.cat((x, coarse_rows), dim=1)
-        return _conv_rows(x, self.predictor).view(r, p, -1).transpose(1, 2)
-
-
-def _conv_rows(x: Tensor, conv: nn.Conv1d) -> Tensor:
-    """A 1x1 ``conv`` on the rows of x (M, C_in) -> (M, C_out): x viewed as a (1, C_in, M, 1)
-    channels-last map (no copy), so oneDNN runs it as a 1x1 convolution over M pixels."""
-    m, c = x.shape
-    out = F.conv2d(x.view(1, m, 1, c).permute(0, 3, 1, 2), conv.weight.unsqueeze(-1), conv.bias)
-    return out.permute(0, 2, 3, 1).reshape(m, -1)
+        return _fc(x, self.predictor).view(r, p, -1).transpose(1, 2)
 
 
 def sample_box_features(

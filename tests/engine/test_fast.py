@@ -41,12 +41,20 @@ def _outputs(out: object) -> list[torch.Tensor]:
     return list(out) if isinstance(out, tuple | list) else [out]  # type: ignore[arg-type]
 
 
-def _assert_same(reference: nn.Module, fast: nn.Module, inputs: tuple, atol: float) -> None:
+def _assert_same(
+    reference: nn.Module, fast: nn.Module, inputs: tuple, atol: float, flips: float = 0.0
+) -> None:
+    """Outputs within ``atol`` (relative to each output's largest value); 0/1 mask stacks
+    (R, H, W) may differ in a ``flips`` share of their pixels: a probability on the 0.5
+    threshold that float rounding moves (random mask heads put many near it)."""
     with torch.inference_mode():
         expected, actual = _outputs(reference(*inputs)), _outputs(fast(*inputs))
     assert len(expected) == len(actual)
     for a, b in zip(expected, actual, strict=True):
         assert b.dtype == a.dtype and b.shape == a.shape
+        if flips and a.dim() == 3 and a.numel() and bool(((a == 0) | (a == 1)).all()):
+            assert float((a != b).float().mean()) <= flips
+            continue
         scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
         torch.testing.assert_close(b, a, atol=atol * scale, rtol=0)
 
@@ -90,7 +98,7 @@ def test_fast_path_matches_reference(name: str) -> None:
 def test_every_model_fast_path_matches_reference(name: str) -> None:
     torch.manual_seed(0)
     model = _random_statistics(get_entry(name).build())
-    _assert_same(model, accelerate(model, name), example_inputs(model, 1, 64, 64), 1e-4)
+    _assert_same(model, accelerate(model, name), example_inputs(model, 1, 64, 64), 1e-4, 1e-4)
 
 
 @pytest.mark.parametrize("mode", ["sampling", "thresholding"])
