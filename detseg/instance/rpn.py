@@ -75,7 +75,7 @@ def clip_boxes(boxes: Tensor, height: int | Tensor, width: int | Tensor) -> Tens
 def pad_rows(t: Tensor, n: int, value: float) -> Tensor:
     """Pad (or cut) the first dimension of ``t`` to ``n`` rows filled with ``value`` (``t``
     itself when it has ``n`` rows)."""
-    if len(t) == n:
+    if len(t) == n and not torch.jit.is_tracing():  # a trace must keep the padding step
         return t
     out = t.new_full((n, *t.shape[1:]), value)
     out[: min(n, len(t))] = t[:n]
