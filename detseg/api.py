@@ -210,10 +210,12 @@ def predict(
     """Run ``model`` on a file, folder or glob; write pictures to ``out_dir``; return summaries.
 
     A video file (``detseg.data.video.VIDEO_SUFFIXES``) of any task becomes an annotated video
-    (``detseg.engine.video.predict_video_file``; ``bgr=PLATE`` for BGMv2).
+    (``detseg.engine.video.predict_video_file``; ``bgr=PLATE`` for BGMv2, ``video_preset`` its
+    x264 preset).
     """
     from detseg.data.video import is_video
 
+    _check_video_preset(source, options.get("video_preset"))
     if is_video(source):
         from detseg.engine.video import predict_video_file
 
@@ -341,13 +343,16 @@ def matte(
     progress: bool = True,
     exact: bool = False,
     precision: str = "f32",
+    video_preset: str | None = None,
 ) -> list[Path]:
-    """Alpha mattes for images (and videos, with a background plate).
+    """Alpha mattes for images (and videos, with a background plate; ``video_preset``: the x264
+    preset of the written videos, default veryfast).
 
     ``bgmv2_*`` models take the clean plate ``bgr``; ``gfm_*`` models are trimap-free;
     ``method="closed-form"|"knn"`` runs the classical pymatting baselines with a ``trimap``.
     BackgroundMattingV2 runs its fast path unless ``exact`` (``fast_model``).
     """
+    _check_video_preset(source, video_preset)
     if method != "model":
         from detseg.matting.gfm_infer import matte_images
 
@@ -374,12 +379,24 @@ def matte(
             progress=progress,
             exact=exact,
             precision=precision,
+            video_preset=video_preset or "veryfast",
         )
     from detseg.matting.gfm_infer import matte_images
 
     return matte_images(
         source, out_dir, model=model, weights=weights, strategy=strategy, device=device
     )
+
+
+def _check_video_preset(source: str | Path, preset: str | None) -> None:
+    """``--video-preset`` is for video sources (an image source writes no video); checked before
+    any work starts (``VideoWriter`` checks it again)."""
+    from detseg.data.video import check_preset, is_video
+
+    if preset is not None and not is_video(source):
+        raise DetsegError(f"--video-preset is for video sources; {source} is not a video.")
+    if preset is not None:
+        check_preset(preset)
 
 
 def export(

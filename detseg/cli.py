@@ -34,6 +34,12 @@ DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 ExactOpt = typer.Option(False, "--exact", help="Run the reference path (eager NCHW float32).")
 PrecisionOpt = typer.Option("f32", "--precision", help="f32, bf16 (CPU/GPU) or fp16 (GPU).")
+VideoPresetOpt = typer.Option(
+    None,
+    "--video-preset",
+    help="x264 preset of written videos: veryfast (default); ultrafast encodes ~2x faster, "
+    "~3x larger files; medium ... veryslow: smaller, slower.",
+)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -389,6 +395,7 @@ def predict_cmd(
     runtime: str = typer.Option("torch", help="torch, or onnx (runs the --onnx file)."),
     onnx: Path = typer.Option(None, help="An ONNX file written by `detseg export`."),
     bgr: Path = typer.Option(None, help="BGMv2 video: the clean background plate."),
+    video_preset: str = VideoPresetOpt,
     max_size: int = typer.Option(None, min=32, help="detection/instance: longest input side."),
     backend: str = typer.Option("local", help="local (this process) or ray (Ray Data)."),
     address: str = typer.Option(None, help="ray: cluster to join ('auto'); none starts one."),
@@ -407,9 +414,10 @@ def predict_cmd(
     """
     if backend not in ("local", "ray"):
         raise DetsegError(f"--backend {backend!r}: use local or ray.")
-    if backend == "ray" and (save_coco is not None or onnx is not None):
+    if backend == "ray" and (save_coco is not None or onnx is not None or video_preset):
         raise DetsegError(
-            "--save-coco and --onnx are for --backend local; Ray writes Parquet rows."
+            "--save-coco, --onnx and --video-preset are for --backend local; Ray writes Parquet "
+            "rows."
         )
     if runtime not in ("torch", "onnx") or (runtime == "onnx") != (onnx is not None):
         raise DetsegError("use --runtime torch, or --runtime onnx with --onnx FILE.onnx.")
@@ -461,6 +469,8 @@ def predict_cmd(
         options["save_coco"] = save_coco
     if bgr is not None:
         options["bgr"] = bgr
+    if video_preset is not None:
+        options["video_preset"] = video_preset
     records = api.predict(loaded, source, out, progress=not as_json, **options)
     if as_json:
         _emit_json({"model": loaded.name, "images": records})
@@ -497,6 +507,7 @@ def matte_cmd(
     method: str = typer.Option("model", help="model, closed-form or knn (with --trimap)."),
     trimap: Path = typer.Option(None, help="Trimap PNG or folder (classical methods)."),
     strategy: str = typer.Option("hybrid", help="GFM test strategy: hybrid or resize."),
+    video_preset: str = VideoPresetOpt,
     exact: bool = ExactOpt,
     precision: str = PrecisionOpt,
     device: str = DeviceOpt,
@@ -519,6 +530,7 @@ def matte_cmd(
         progress=not as_json,
         exact=exact,
         precision=precision,
+        video_preset=video_preset,
     )
     if as_json:
         _emit_json({"written": [str(p) for p in written]})

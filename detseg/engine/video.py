@@ -47,6 +47,7 @@ def map_video(
     draw: Draw,
     batch_size: int = 8,
     advance: Callable[[int], None] | None = None,
+    preset: str = "veryfast",
 ) -> tuple[VideoInfo, int]:
     """Run ``infer`` over ``source``'s frames, ``batch_size`` at a time, and write what ``draw``
     makes of each result.
@@ -57,12 +58,13 @@ def map_video(
         draw: ``draw(result, frame)`` -> a mapping from every kind to an (H, W, 3) uint8 RGB (or
             (H, W) gray, or RGBA) frame; runs on the writer thread, beside the next ``infer``.
         advance: called with the number of frames after every batch (a progress bar).
+        preset: the x264 preset of the written videos (``VideoWriter``).
 
     Returns:
         The source's ``VideoInfo`` and the number of frames written.
     """
     info = video_info(source)
-    writers = {kind: VideoWriter(path, info.fps) for kind, path in targets.items()}
+    writers = {kind: VideoWriter(path, info.fps, preset=preset) for kind, path in targets.items()}
     count = 0
     with contextlib.ExitStack() as stack:
         for writer in writers.values():
@@ -107,11 +109,13 @@ def predict_video(
     batch_size: int = 8,
     bgr: np.ndarray | None = None,
     progress: bool = True,
+    video_preset: str = "veryfast",
 ) -> dict[str, Any]:
     """Annotate every frame of ``source`` with ``predictor`` into ``<out_dir>/<stem>_<task>.mp4``.
 
     The picture of each frame is ``Prediction.render`` (label overlay, boxes, masks; matting
-    cut-outs over green). ``bgr``: the background plate for BGMv2 (frame-sized).
+    cut-outs over green). ``bgr``: the background plate for BGMv2 (frame-sized);
+    ``video_preset``: the x264 preset of the written video.
 
     Returns:
         ``{"file", "task", "frames", "fps", "width", "height", "seconds",
@@ -129,7 +133,9 @@ def predict_video(
     total = video_info(source).frames
     start = time.perf_counter()
     with count_progress(total, "frames", enabled=progress) as advance:
-        info, count = map_video(source, {"video": target}, infer, draw, batch_size, advance)
+        info, count = map_video(
+            source, {"video": target}, infer, draw, batch_size, advance, video_preset
+        )
     seconds = time.perf_counter() - start
     return {
         "file": str(source),
@@ -153,6 +159,7 @@ def predict_video_file(
     batch_size: int = 8,
     progress: bool = True,
     save_coco: str | Path | None = None,
+    video_preset: str = "veryfast",
     **options: Any,
 ) -> dict[str, Any]:
     """``detseg predict VIDEO``: a ``Predictor`` of ``loaded`` (``options`` are its keyword
@@ -171,5 +178,11 @@ def predict_video_file(
     if predictor.needs_plate and plate is None:
         raise DetsegError(f"{loaded.name} needs the background plate of the video: pass --bgr.")
     return predict_video(
-        predictor, source, out_dir, batch_size=batch_size, bgr=plate, progress=progress
+        predictor,
+        source,
+        out_dir,
+        batch_size=batch_size,
+        bgr=plate,
+        progress=progress,
+        video_preset=video_preset,
     )

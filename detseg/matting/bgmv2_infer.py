@@ -242,6 +242,7 @@ def matte_files(
     resize_bgr: bool = False,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
+    video_preset: str = "veryfast",
 ) -> list[Path]:
     """Matte an image, a folder / glob of images or a video against one background plate image.
 
@@ -257,6 +258,7 @@ def matte_files(
             instead of raising ``DetsegError``.
         device: where to run (default: the model's device).
         progress: called with (done, total) after every image or frame.
+        video_preset: the x264 preset of written videos (``detseg.data.video.VideoWriter``).
 
     Returns:
         The written files. A video keeps its frame rate; the written videos have no audio.
@@ -266,7 +268,16 @@ def matte_files(
     out_dir = Path(out_dir)
     if is_video(source):
         return _matte_video(
-            model, Path(source), plate, out_dir, kinds, background, resize_bgr, device, progress
+            model,
+            Path(source),
+            plate,
+            out_dir,
+            kinds,
+            background,
+            resize_bgr,
+            device,
+            progress,
+            video_preset,
         )
     files = list_images(source)
     written: list[Path] = []
@@ -313,6 +324,7 @@ def _matte_video(
     resize_bgr: bool,
     device: torch.device | str | None,
     progress: Progress | None,
+    video_preset: str,
 ) -> list[Path]:
     info = video_info(source)
     size = (info.width, info.height)
@@ -335,7 +347,7 @@ def _matte_video(
             progress(done, info.frames)
 
     run_on = torch.device(device) if device is not None else _model_device(model)
-    map_video(source, targets, infer, draw, video_batch_size(run_on), advance)
+    map_video(source, targets, infer, draw, video_batch_size(run_on), advance, video_preset)
     return list(targets.values())
 
 
@@ -352,6 +364,7 @@ def matte(
     progress: bool = True,
     exact: bool = False,
     precision: str = "f32",
+    video_preset: str = "veryfast",
     **model_kwargs: Any,
 ) -> list[Path]:
     """``detseg matte SRC --bgr PLATE --model NAME [--weights W] -o OUT``: load, run, write.
@@ -388,4 +401,5 @@ def matte(
             resize_bgr,
             loaded.device,
             lambda done, total: advance(1),
+            video_preset,
         )

@@ -67,6 +67,12 @@ def test_matte_errors_are_one_line(tmp_path):
     assert len([line for line in mismatch.stderr.splitlines() if line.strip()]) == 1
     wrong_task = runner.invoke(app, ["matte", str(src), "--model", "unet"])
     assert wrong_task.exit_code == 2 and "not a matting model" in wrong_task.stderr
+    preset = runner.invoke(
+        app,
+        ["matte", str(src), "--model", "bgmv2_mobilenetv2", "--bgr", str(plate),
+         "--video-preset", "ultrafast", "-o", str(tmp_path / "p")],
+    )  # fmt: skip
+    assert preset.exit_code == 2 and "is for video sources" in preset.stderr
 
 
 def test_export_semantic_model_matches_pytorch(tmp_path):

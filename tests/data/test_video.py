@@ -22,6 +22,16 @@ def test_roundtrip_keeps_fps_size_and_content(tmp_path) -> None:
     assert np.allclose(means, [0, 120, 240], atol=3)
 
 
+def test_presets(tmp_path) -> None:
+    path = tmp_path / "fast.mp4"
+    with VideoWriter(path, 10, preset="ultrafast") as writer:
+        for value in (0, 200):
+            writer.write(np.full((16, 24), value, np.uint8))  # gray frames
+    assert [round(float(f.mean())) for f in read_frames(path)] == [0, 200]
+    with pytest.raises(DetsegError, match="video preset 'quick': use one of ultrafast"):
+        VideoWriter(tmp_path / "x.mp4", 10, preset="quick")
+
+
 def test_failures_leave_no_file(tmp_path) -> None:
     path = tmp_path / "empty.mp4"
     with pytest.raises(DetsegError, match="no frames"):

@@ -96,8 +96,10 @@ def test_predict_batch_equals_one_by_one(name, kwargs) -> None:
 
 def test_cli_predict_video(clip, tmp_path) -> None:
     result = runner.invoke(
-        app, ["predict", str(clip), "--model", "fcos_mnv2_fpn", "-o", str(tmp_path), "--json"]
-    )
+        app,
+        ["predict", str(clip), "--model", "fcos_mnv2_fpn", "-o", str(tmp_path), "--json",
+         "--video-preset", "ultrafast"],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     (record,) = json.loads(result.stdout)["images"]
     assert record["frames"] == 5 and record["frames_per_second"] > 0
@@ -106,6 +108,15 @@ def test_cli_predict_video(clip, tmp_path) -> None:
         app, ["predict", str(clip), "--model", "bgmv2_mobilenetv2", "-o", str(tmp_path)]
     )
     assert plate_missing.exit_code == 2 and "--bgr" in plate_missing.stderr
+    for source, preset, message in ((clip, "quick", "video preset 'quick'"),
+                                    (tmp_path / "x.png", "ultrafast", "is for video sources")):  # fmt: skip
+        bad = runner.invoke(
+            app,
+            ["predict", str(source), "--model", "fcos_mnv2_fpn", "-o", str(tmp_path / "bad"),
+             "--video-preset", preset],
+        )  # fmt: skip
+        assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.splitlines()) == 1
+        assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.mp4"))
 
 
 def test_cli_runtime_onnx_gives_the_torch_records(tmp_path) -> None:

@@ -123,6 +123,7 @@ def test_video_keeps_fps_and_frames(model, tmp_path) -> None:
         tmp_path / "out",
         outputs=("com", "pha"),
         progress=lambda n, t: seen.append(n),
+        video_preset="ultrafast",
     )
     assert seen == [1, 2, 3]  # one frame per forward pass on the CPU (video_batch_size)
     for path in written:
