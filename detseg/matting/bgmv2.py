@@ -335,14 +335,21 @@ class Refiner(nn.Module):
         return ref
 
     def forward(
-        self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, err: Tensor, hid: Tensor
+        self,
+        src: Tensor,
+        bgr: Tensor,
+        pha: Tensor,
+        fgr: Tensor,
+        err: Tensor,
+        hid: Tensor | ConvWindows,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Refine a coarse prediction.
 
         Args:
             src, bgr: (B, 3, H, W) full resolution, H and W multiples of 4.
             pha, fgr, err, hid: coarse (B, 1|3|1|32, Hc, Wc) clamped alpha, *unclamped* foreground
-                residual, clamped error and ReLU'd hidden features.
+                residual, clamped error and ReLU'd hidden features (in the fast path, from
+                ``MattingRefine``, ``hid`` may be a ``ConvWindows``: computed on demand).
 
         Returns:
             (pha (B, 1, H, W) unclamped, fgr residual (B, 3, H, W), ref (B, 1, H/4, W/4) 0/1).
@@ -385,7 +392,13 @@ class Refiner(nn.Module):
         return self._stage2(torch.cat([x, _crop(src_bgr, cells, 4, q)], dim=1))
 
     def _refine_fast(
-        self, src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, hid: Tensor, ref: Tensor
+        self,
+        src: Tensor,
+        bgr: Tensor,
+        pha: Tensor,
+        fgr: Tensor,
+        hid: Tensor | ConvWindows,
+        ref: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """``forward``'s cell path on tiles, same arguments -> (pha, fgr residual) at (H, W).
 
