@@ -73,19 +73,26 @@ class CoarseMaskHead(nn.Module):
         return self.prediction(x).view(-1, *self.out_shape)
 
 
-def _fc(x: Tensor, conv: nn.Conv1d) -> Tensor:
-    return linear_by_conv(x, conv.weight, conv.bias)
+def _fc_beside(x: Tensor, coarse: Tensor | None, conv: nn.Conv1d) -> Tensor:
+    """A 1x1 ``conv`` on the rows of ``cat([x, coarse], 1)`` (M, C) [+ (M, K)] -> (M, C_out),
+    as ``linear_by_conv`` of each part summed: the concatenation is never made."""
+    n = x.shape[1]
+    out = linear_by_conv(x, conv.weight[:, :n], conv.bias)
+    return out if coarse is None else out.add_(linear_by_conv(coarse, conv.weight[:, n:]))
 
 
 class PointHead(nn.Module):
     """detectron2 ``StandardPointHead``: fine (R, C, P) + coarse (R, K, P) -> logits (R, K, P).
 
     With ``coarse_pred_each_layer`` the coarse logits are concatenated after every hidden layer
-    (instances), otherwise only at the input (semantic segmentation).
+    (instances), otherwise only at the input (semantic segmentation). ``forward(..., classes)``
+    with ``classes`` (R,) int64 returns only those classes' logits (R, 1, P).
 
-    ``fast_inference`` (set by ``detseg.engine.fast``): in eval, one row of channels per point and
-    the 1x1 layers as ``linear_by_conv`` (oneDNN 1x1 convolutions): the same products, at 2-3x
-    the throughput ``conv1d`` reaches on these shapes on the CPU.
+    ``fast_inference`` (set by ``detseg.engine.fast``): in eval, one row of channels per point,
+    the 1x1 layers as ``linear_by_conv`` (oneDNN 1x1 convolutions: 2-3x the throughput
+    ``conv1d`` reaches on these shapes on the CPU) on the fine and coarse parts separately
+    (no concatenation per layer), and with ``classes`` the predictor evaluates each RoI's class
+    alone: the same products.
     """
 
     fast_inference = False
@@ -111,26 +118,36 @@ class PointHead(nn.Module):
         self.predictor = nn.Conv1d(dim, out, 1)
         normal_fill(self.predictor, 0.001)
 
-    def forward(self, fine_grained_features: Tensor, coarse_features: Tensor) -> Tensor:
+    def forward(
+        self, fine_grained_features: Tensor, coarse_features: Tensor, classes: Tensor | None = None
+    ) -> Tensor:
         if self.fast_inference and not self.training:
-            return self._forward_rows(fine_grained_features, coarse_features)
+            return self._forward_rows(fine_grained_features, coarse_features, classes)
         x = torch.cat((fine_grained_features, coarse_features), dim=1)
         for k in range(self.num_fc):
             x = F.relu(getattr(self, f"fc{k + 1}")(x))
             if self.coarse_pred_each_layer:
                 x = torch.cat((x, coarse_features), dim=1)
-        return self.predictor(x)
+        logits = self.predictor(x)
+        return logits if classes is None else class_channel(logits, classes)
 
-    def _forward_rows(self, fine: Tensor, coarse: Tensor) -> Tensor:
-        """``forward`` with one row of channels per point: (R, C, P), (R, K, P) -> (R, K, P)."""
+    def _forward_rows(self, fine: Tensor, coarse: Tensor, classes: Tensor | None) -> Tensor:
+        """``forward`` with one row of channels per point: (R, C, P), (R, K, P) -> (R, K|1, P)."""
         r, _, p = fine.shape
-        coarse_rows = coarse.transpose(1, 2).reshape(r * p, -1)
-        x = torch.cat((fine.transpose(1, 2).reshape(r * p, -1), coarse_rows), dim=1)
+        coarse_rows = coarse.transpose(1, 2).reshape(r * p, -1)  # (R*P, K)
+        x = fine.transpose(1, 2).reshape(r * p, -1)
+        beside: Tensor | None = coarse_rows  # what the next layer's input has beside x
         for k in range(self.num_fc):
-            x = _fc(x, getattr(self, f"fc{k + 1}")).relu_()
-            if self.coarse_pred_each_layer:
-                x = torch.cat((x, coarse_rows), dim=1)
-        return _fc(x, self.predictor).view(r, p, -1).transpose(1, 2)
+            x = _fc_beside(x, beside, getattr(self, f"fc{k + 1}")).relu_()
+            beside = coarse_rows if self.coarse_pred_each_layer else None
+        if classes is None or self.predictor.out_channels == 1:
+            return _fc_beside(x, beside, self.predictor).view(r, p, -1).transpose(1, 2)
+        weight = self.predictor.weight[classes, :, 0]  # (R, D): each RoI's class row
+        n = x.shape[1]
+        out = torch.bmm(x.view(r, p, n), weight[:, :n, None])  # (R, P, 1)
+        if beside is not None:
+            out += torch.bmm(beside.view(r, p, -1), weight[:, n:, None])
+        return (out + self.predictor.bias[classes, None, None]).transpose(1, 2)
 
 
 def sample_box_features(
@@ -249,10 +266,15 @@ class PointRendMaskHead(nn.Module):
         return self.coarse_head(feats.view(r, p2.shape[1], s, s))
 
     def _point_logits(
-        self, p2: Tensor, boxes: Sequence[Tensor], coords: Tensor, coarse: Tensor
+        self,
+        p2: Tensor,
+        boxes: Sequence[Tensor],
+        coords: Tensor,
+        coarse: Tensor,
+        classes: Tensor | None = None,
     ) -> Tensor:
         fine = sample_box_features(p2, self.stride, boxes, coords)
-        return self.point_head(fine, point_sample(coarse, coords))
+        return self.point_head(fine, point_sample(coarse, coords), classes)
 
     def predict(
         self, p2: Tensor, boxes: Sequence[Tensor], classes: Tensor
@@ -262,8 +284,8 @@ class PointRendMaskHead(nn.Module):
         coarse = self.coarse(p2, boxes)
         r, res = len(classes), self.init_resolution
         coords = regular_grid(r, res, p2.device).to(p2.dtype)
-        keep = (lambda x: class_channel(x, classes)) if self.fast_inference else (lambda x: x)
-        logits = keep(self._point_logits(p2, boxes, coords, coarse))
+        only = classes if self.fast_inference else None  # the point head's classes
+        logits = self._point_logits(p2, boxes, coords, coarse, only)
         logits = logits.reshape(r, logits.shape[1], res, res)
         if r == 0:
             return logits, coarse
@@ -271,7 +293,7 @@ class PointRendMaskHead(nn.Module):
             logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
             chosen = class_channel(logits, classes)
             idx, coords = uncertain_points_on_grid(-chosen.abs(), self.num_points)
-            new = keep(self._point_logits(p2, boxes, coords.to(p2.dtype), coarse))
+            new = self._point_logits(p2, boxes, coords.to(p2.dtype), coarse, only)
             n, c, h, w = logits.shape
             logits = logits.reshape(n, c, h * w)
             logits = logits.scatter(2, idx.unsqueeze(1).expand(-1, c, -1), new).view(n, c, h, w)

@@ -8,7 +8,7 @@ import torch
 from detseg.engine.fast import accelerate
 from detseg.errors import CheckpointError
 from detseg.instance.maskrcnn import convert_detectron2
-from detseg.instance.pointrend import PointRendMaskHead, PointRendRCNN
+from detseg.instance.pointrend import PointHead, PointRendMaskHead, PointRendRCNN
 from tests.parity import fixture_names, run_fixture
 
 NAMES = [n for n in fixture_names("d2_pointrend_") if "semseg" not in n]
@@ -50,6 +50,19 @@ def test_fast_path_subdivides_to_the_same_logits() -> None:
     with torch.no_grad():
         expected, actual = head(p2, boxes, classes)[0], fast(p2, boxes, classes)[0]
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("each_layer", [True, False])
+def test_point_head_rows_equal_the_reference(each_layer: bool) -> None:
+    torch.manual_seed(0)
+    head = PointHead(8, num_classes=5, fc_dim=16, coarse_pred_each_layer=each_layer).eval()
+    fast = accelerate(head)
+    fine, coarse, classes = torch.randn(3, 8, 11), torch.randn(3, 5, 11), torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        for wanted in (None, classes):
+            expected, actual = head(fine, coarse, wanted), fast(fine, coarse, wanted)
+            assert actual.shape == expected.shape == (3, 5 if wanted is None else 1, 11)
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_whole_model_runs_and_renders_at_224() -> None:
