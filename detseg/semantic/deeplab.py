@@ -8,7 +8,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from detseg.backbones import build_backbone
 from detseg.registry import register_model
-from detseg.semantic.heads import conv_bn_relu, resize_to
+from detseg.semantic.heads import conv_bn_relu, resize_output, resize_to
 
 # (low-level level, high-level level) per backbone family
 _LEVELS = {"resnet": ("layer1", "layer4"), "mobilenet_v2": ("s4", None)}
@@ -55,7 +55,7 @@ class DeepLabV3Plus(nn.Module):
         feats = self.backbone(x)
         low = self.project(feats[self.low_name])
         high = resize_to(self.aspp(feats[self.high_name]), low)
-        return resize_to(self.decoder(torch.cat([high, low], dim=1)), x)
+        return resize_output(self.decoder(torch.cat([high, low], dim=1)), x)
 
 
 @register_model("deeplabv3plus_resnet50", task="semantic", defaults={"backbone": "resnet50"})

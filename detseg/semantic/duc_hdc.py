@@ -19,7 +19,7 @@ from torch import nn
 from detseg.backbones import build_backbone
 from detseg.registry import register_model
 from detseg.semantic.dilation import set_rates
-from detseg.semantic.heads import resize_to
+from detseg.semantic.heads import resize_output
 
 HDC_LAYER3 = (1, 2, 5, 9)
 HDC_LAYER4 = (5, 9, 17)
@@ -114,7 +114,7 @@ class DUC(nn.Module):
         x = F.pad(x, (0, (-w) % r, 0, (-h) % r))
         out = self.head(self.backbone(x)["layer4"])
         if self.cell_width > 1:
-            out = resize_to(out, x)
+            out = resize_output(out, x)
         return out[..., :h, :w]
 
 

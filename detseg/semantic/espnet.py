@@ -209,7 +209,7 @@ class ESPNetC(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) float -> (N, C, H, W) logits (no softmax)."""
-        logits = self.encode(x)["logits"]
+        logits = self.encode(x)["logits"].contiguous()  # from NCHW, as heads.resize_output
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 

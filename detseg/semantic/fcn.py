@@ -17,7 +17,7 @@ from torch import nn
 from detseg.backbones import build_backbone
 from detseg.errors import CheckpointError
 from detseg.registry import register_model
-from detseg.semantic.heads import conv_bn_relu, resize_to
+from detseg.semantic.heads import conv_bn_relu, resize_output, resize_to
 from detseg.semantic.upsample import BilinearUpsample
 
 
@@ -54,7 +54,7 @@ class FCN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return resize_to(self.head(self.backbone(x)["layer4"]), x)
+        return resize_output(self.head(self.backbone(x)["layer4"]), x)
 
 
 @register_model("fcn_resnet50", task="semantic", defaults={"backbone": "resnet50"})
@@ -242,7 +242,7 @@ class FCN8s(nn.Module):
         for tap, head in zip(reversed(self.taps), reversed(self.scores), strict=True):
             s = head(feats[tap])
             score = s if score is None else resize_to(score, s) + s
-        return resize_to(score, x)
+        return resize_output(score, x)
 
 
 @register_model("fcn8s_resnet18", task="semantic", defaults={"backbone": "resnet18"})

@@ -28,7 +28,7 @@ from detseg.ops.point_sample import (
 )
 from detseg.registry import register_model
 from detseg.semantic.deeplab import DeepLabV3Plus
-from detseg.semantic.heads import resize_to
+from detseg.semantic.heads import resize_output, resize_to
 from detseg.semantic.losses import PointLogits
 
 
@@ -208,7 +208,9 @@ class DeepLabV3PlusPointRend(DeepLabV3Plus):
         if self.training:
             return {"out": resize_to(coarse, x), "point": self.point_predictions(coarse, fine)}
         steps = max(0, round(math.log2(x.shape[-1] / coarse.shape[-1])))
-        return resize_to(refine_logits(coarse, [fine], self.point_head, steps, self.num_points), x)
+        return resize_output(
+            refine_logits(coarse, [fine], self.point_head, steps, self.num_points), x
+        )
 
     def point_predictions(self, coarse: Tensor, fine: Tensor) -> PointLogits:
         """Training: point logits (N, K, P) at ``train_num_points`` importance-sampled points

@@ -124,7 +124,8 @@ class PSPNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         size = x.shape[-2:]
         feats = self.backbone(x)
-        out = _upsample(self.cls(self.ppm(feats["layer4"])), size, self.align_corners)
+        # from NCHW, as heads.resize_output: the class scores' final resize
+        out = _upsample(self.cls(self.ppm(feats["layer4"])).contiguous(), size, self.align_corners)
         if not self.training or self.aux is None:
             return out
         return {"out": out, "aux": _upsample(self.aux(feats["layer3"]), size, self.align_corners)}
