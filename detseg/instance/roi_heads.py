@@ -398,8 +398,8 @@ class RoIHeads(nn.Module):
         ``probs`` (D, 28, 28) is the sigmoid of each detection's predicted-class mask logits.
         """
         # NCHW once for both poolers (roi_align copies channels-last maps to NCHW on every call)
-        features = [f.contiguous() for f in features]
-        pooled = self.box_pooler(*features, pooler_boxes(proposals))
+        pooler_features = [f.contiguous() for f in features]
+        pooled = self.box_pooler(*pooler_features, pooler_boxes(proposals))
         scores, deltas = self.box_predictor(self.box_head(pooled))
         splits = [len(p) for p in proposals]
         dets = [
@@ -409,15 +409,22 @@ class RoIHeads(nn.Module):
             )
         ]
         boxes = [d[0] for d in dets]
-        probs = self.mask_probs(features, boxes, torch.cat([d[2] for d in dets]))
+        classes = torch.cat([d[2] for d in dets])
+        probs = self.mask_probs(features, boxes, classes, pooler_features)
         probs = probs.split([len(b) for b in boxes])
         return [(b, s, c, p) for (b, s, c, _), p in zip(dets, probs, strict=True)]
 
     def mask_probs(
-        self, features: Sequence[Tensor], boxes: Sequence[Tensor], classes: Tensor
+        self,
+        features: Sequence[Tensor],
+        boxes: Sequence[Tensor],
+        classes: Tensor,
+        pooler_features: Sequence[Tensor] | None = None,
     ) -> Tensor:
-        """Predicted-class mask probabilities (R, 28, 28) for per-image ``boxes`` and ``classes`` (R,)."""
-        logits = self.mask_head(self.mask_pooler(*features, pooler_boxes(boxes)))
+        """Predicted-class mask probabilities (R, 28, 28) for per-image ``boxes`` and ``classes``
+        (R,); ``pooler_features``: ``features`` made NCHW for RoIAlign, when already at hand."""
+        pooled_from = features if pooler_features is None else pooler_features
+        logits = self.mask_head(self.mask_pooler(*pooled_from, pooler_boxes(boxes)))
         if logits.shape[1] > 1:
             logits = logits[torch.arange(len(classes), device=logits.device), classes]
         else:
