@@ -311,6 +311,17 @@ class Refiner(nn.Module):
         self.conv4 = nn.Conv2d(12, 4, k, bias=True)
         self.relu = nn.ReLU(inplace=True)
 
+    @property
+    def on_windows(self) -> bool:
+        """Whether ``forward`` takes the fast cell path (``_refine_fast``)."""
+        return self.fast_inference and self.mode != "full" and not self.training
+
+    @property
+    def _pads(self) -> tuple[int, int]:
+        """Context of the two stages' windows: 3 half-resolution, 2 full-resolution pixels for
+        3x3 kernels (two unpadded convolutions each), none for 1x1."""
+        return (3, 2) if self.kernel_size == 3 else (0, 0)
+
     def _stage1(self, x: Tensor) -> Tensor:
         return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
 
@@ -356,7 +367,7 @@ class Refiner(nn.Module):
         """
         h, w = src.shape[-2:]
         half, quarter = (h // 2, w // 2), (h // 4, w // 4)
-        if self.fast_inference and self.mode != "full" and not self.training:
+        if self.on_windows:
             # a resize to the same size is the identity (the HD setting's coarse map is H/4)
             ref = self.select(err if err.shape[-2:] == quarter else _resize(err, quarter))
             return (*self._refine_fast(src, bgr, pha, fgr, hid, ref), ref)
@@ -377,16 +388,15 @@ class Refiner(nn.Module):
         return out[:, 0:1], out[:, 1:4], ref
 
     def _refine_full(self, x: Tensor, y: Tensor, src_bgr: Tensor) -> Tensor:
-        p = 3 if self.kernel_size == 3 else 0
+        p, q = self._pads
         x = self._stage1(F.pad(torch.cat([x, y], dim=1), (p, p, p, p)))
         h, w = src_bgr.shape[-2:]
-        q = 2 if self.kernel_size == 3 else 0
         x = F.interpolate(x, size=(h + 2 * q, w + 2 * q), mode="nearest")
         return self._stage2(torch.cat([x, F.pad(src_bgr, (q, q, q, q))], dim=1))
 
     def _refine_cells(self, x: Tensor, y: Tensor, src_bgr: Tensor, cells: Tensor) -> Tensor:
         """(P, 4, 4, 4) refined [alpha, fgr residual] for each cell (b, i, j) of ``cells``."""
-        p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
+        p, q = self._pads
         x = self._stage1(torch.cat([_crop(x, cells, 2, p), _crop(y, cells, 2, p)], dim=1))
         x = F.interpolate(x, size=(4 + 2 * q, 4 + 2 * q), mode="nearest")
         return self._stage2(torch.cat([x, _crop(src_bgr, cells, 4, q)], dim=1))
@@ -409,7 +419,7 @@ class Refiner(nn.Module):
         the per-cell computation of ``forward``). Only the selected cells are pasted.
         """
         h, w = src.shape[-2:]
-        p, q = (3, 2) if self.kernel_size == 3 else (0, 0)
+        p, q = self._pads
         # NCHW photo and plate once, not per chunk (their windows are read from the planes;
         # callers may pass channels-last frames or a plate expanded over the batch)
         src, bgr = src.contiguous(), bgr.contiguous()
@@ -451,7 +461,7 @@ class Refiner(nn.Module):
         (per multiply-add, a whole HD frame ran about 1.5x slower with t = 1 than with t = 2
         and 1.15-1.3x slower with t = 4 than with t = 8; ``bench/bgmv2_selection.py``'s cases)."""
         k = self.kernel_size
-        p, q = (3, 2) if k == 3 else (0, 0)
+        p, q = self._pads
         convs = (self.conv1, self.conv2, self.conv3, self.conv4)
 
         def cost(t: int) -> float:
@@ -517,7 +527,7 @@ class MattingRefine(MattingBase):
         if h % 4 or w % 4:
             raise ValueError(f"MattingRefine needs H and W divisible by 4, got {h}x{w}")
         src_sm, bgr_sm = (self._downsample(t) for t in (src, bgr))
-        if self.refiner.fast_inference and not self.training and self.refiner.mode != "full":
+        if self.refiner.on_windows:
             # the 32 hidden channels feed only the refiner's windows: computed there, on demand
             x4, x3, x2, x1, x0 = self._encode(src_sm, bgr_sm)
             x = _resize(self.decoder.last_input(self.aspp(x4), x3, x2, x1), x0.shape[-2:])

@@ -29,8 +29,8 @@ def bilinear_taps(dst: Tensor, in_size: int, out_size: int) -> tuple[Tensor, Ten
 
 
 def shrink(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """``F.interpolate(x, size, mode="bilinear")`` to a smaller ``size`` (bilinear, ``align_corners=False``) by gathering
-    the rows and columns it reads.
+    """``F.interpolate(x, size, mode="bilinear")`` (``align_corners=False``) to a smaller
+    ``size``, by gathering the rows and columns it reads.
 
     The fast path's downsampling of the full-resolution photo and plate: on the CPU,
     ``F.interpolate`` copies a contiguous NCHW input to channels-last first, which costs more
@@ -182,9 +182,7 @@ class ConvWindows:
         cells then overlap little, and one dense convolution costs less than the windows."""
         if count * (side + 2) ** 2 <= self.shape[-2] * self.shape[-1] // 2:
             return self
-        x = self.maps[0].shape[1]
-        out = F.conv2d(self.maps[0], self.weight[:, :x], self.bias, padding=1)
-        return out.add_(F.conv2d(self.maps[1], self.weight[:, x:], padding=1)).relu_()
+        return self.decoder.last_conv(*self.maps, self.channels).relu_()
 
     def windows(self, batch: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         """Windows (image (P,), rows (P, R), columns (P, Q), in range, each window's rows within
@@ -229,9 +227,14 @@ def nearest2x_beside(x: Tensor, other: Tensor) -> Tensor:
     return out.permute(0, 3, 1, 2)
 
 
+def _tile_grid(grid: tuple[int, int], t: int) -> tuple[int, int]:
+    """Rows and columns of ``t`` x ``t`` tiles covering a (Hq, Wq) cell grid."""
+    return -(-grid[0] // t), -(-grid[1] // t)
+
+
 def tile_keys(cells: Tensor, grid: tuple[int, int], t: int) -> Tensor:
     """(P,) row-major index of the ``t`` x ``t`` tile of each cell (b, i, j) of a (Hq, Wq) grid."""
-    tiles_h, tiles_w = -(-grid[0] // t), -(-grid[1] // t)
+    tiles_h, tiles_w = _tile_grid(grid, t)
     return (cells[:, 0] * tiles_h + cells[:, 1] // t) * tiles_w + cells[:, 2] // t
 
 
@@ -243,7 +246,7 @@ def group_tiles(cells: Tensor, grid: tuple[int, int], t: int) -> tuple[Tensor, T
     """
     key, order = tile_keys(cells, grid, t).sort(stable=True)
     unique, counts = torch.unique_consecutive(key, return_counts=True)
-    tiles_h, tiles_w = -(-grid[0] // t), -(-grid[1] // t)
+    tiles_h, tiles_w = _tile_grid(grid, t)
     tiles = torch.stack(
         [unique // (tiles_h * tiles_w), unique // tiles_w % tiles_h, unique % tiles_w], dim=1
     )
