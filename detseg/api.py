@@ -364,6 +364,7 @@ def matte(
     if model.startswith("bgmv2"):
         if bgr is None:
             raise DetsegError(f"{model} needs the clean background plate: pass --bgr PLATE.")
+        from detseg.data.video import DEFAULT_PRESET
         from detseg.matting.bgmv2_infer import matte as bgmv2_matte
 
         return bgmv2_matte(
@@ -379,7 +380,7 @@ def matte(
             progress=progress,
             exact=exact,
             precision=precision,
-            video_preset=video_preset or "veryfast",
+            video_preset=video_preset or DEFAULT_PRESET,
         )
     from detseg.matting.gfm_infer import matte_images
 

@@ -88,6 +88,9 @@ X264_PRESETS = (
 )
 
 
+DEFAULT_PRESET = "veryfast"  # the reason is in ``VideoWriter``'s docstring
+
+
 def check_preset(preset: str) -> None:
     """Raise ``DetsegError`` unless ``preset`` is one of ``X264_PRESETS``."""
     if preset not in X264_PRESETS:
@@ -109,7 +112,7 @@ class VideoWriter:
     """
 
     def __init__(
-        self, path: str | Path, fps: Fraction | float, crf: int = 18, preset: str = "veryfast"
+        self, path: str | Path, fps: Fraction | float, crf: int = 18, preset: str = DEFAULT_PRESET
     ) -> None:
         check_preset(preset)
         self.path = Path(path)

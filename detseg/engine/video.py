@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from detseg.data.video import VideoInfo, VideoWriter, read_frames, video_info
+from detseg.data.video import DEFAULT_PRESET, VideoInfo, VideoWriter, read_frames, video_info
 from detseg.engine.prefetch import BackgroundWriter, prefetch
 from detseg.engine.progress import count_progress
 from detseg.errors import DetsegError
@@ -47,7 +47,7 @@ def map_video(
     draw: Draw,
     batch_size: int = 8,
     advance: Callable[[int], None] | None = None,
-    preset: str = "veryfast",
+    preset: str = DEFAULT_PRESET,
 ) -> tuple[VideoInfo, int]:
     """Run ``infer`` over ``source``'s frames, ``batch_size`` at a time, and write what ``draw``
     makes of each result.
@@ -109,7 +109,7 @@ def predict_video(
     batch_size: int = 8,
     bgr: np.ndarray | None = None,
     progress: bool = True,
-    video_preset: str = "veryfast",
+    video_preset: str = DEFAULT_PRESET,
 ) -> dict[str, Any]:
     """Annotate every frame of ``source`` with ``predictor`` into ``<out_dir>/<stem>_<task>.mp4``.
 
@@ -159,7 +159,7 @@ def predict_video_file(
     batch_size: int = 8,
     progress: bool = True,
     save_coco: str | Path | None = None,
-    video_preset: str = "veryfast",
+    video_preset: str = DEFAULT_PRESET,
     **options: Any,
 ) -> dict[str, Any]:
     """``detseg predict VIDEO``: a ``Predictor`` of ``loaded`` (``options`` are its keyword

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from detseg.data.images import list_images, read_image, write_image
-from detseg.data.video import is_video, video_info
+from detseg.data.video import DEFAULT_PRESET, is_video, video_info
 from detseg.engine.prefetch import BackgroundWriter, prefetch
 from detseg.engine.video import VIDEO_GREEN, map_video
 from detseg.errors import DetsegError
@@ -242,7 +242,7 @@ def matte_files(
     resize_bgr: bool = False,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
-    video_preset: str = "veryfast",
+    video_preset: str = DEFAULT_PRESET,
 ) -> list[Path]:
     """Matte an image, a folder / glob of images or a video against one background plate image.
 
@@ -364,7 +364,7 @@ def matte(
     progress: bool = True,
     exact: bool = False,
     precision: str = "f32",
-    video_preset: str = "veryfast",
+    video_preset: str = DEFAULT_PRESET,
     **model_kwargs: Any,
 ) -> list[Path]:
     """``detseg matte SRC --bgr PLATE --model NAME [--weights W] -o OUT``: load, run, write.
