@@ -8,7 +8,7 @@ import torch
 from detseg.engine.fast import accelerate
 from detseg.errors import CheckpointError
 from detseg.instance.maskrcnn import convert_detectron2
-from detseg.instance.pointrend import PointHead, PointRendMaskHead, PointRendRCNN
+from detseg.instance.pointrend import PointHead, PointRendMaskHead, PointRendRCNN, class_channel
 from tests.parity import fixture_names, run_fixture
 
 NAMES = [n for n in fixture_names("d2_pointrend_") if "semseg" not in n]
@@ -50,6 +50,31 @@ def test_fast_path_subdivides_to_the_same_logits() -> None:
     with torch.no_grad():
         expected, actual = head(p2, boxes, classes)[0], fast(p2, boxes, classes)[0]
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_in_pieces_of_rois_across_images(monkeypatch) -> None:
+    """The fast point head runs on pieces of RoIs (here 2, across two images' boxes): the same
+    logits as the reference on all RoIs at once."""
+    torch.manual_seed(0)
+    head = PointRendMaskHead(in_channels=8, num_classes=3, conv_dim=8, fc_dim=16, point_fc_dim=8)
+    fast = accelerate(head.eval())
+    calls: list[int] = []
+    real_head = fast.point_head.forward
+    monkeypatch.setattr(
+        fast.point_head, "forward", lambda *a: calls.append(len(a[0])) or real_head(*a)
+    )
+    monkeypatch.setattr("detseg.instance.pointrend.rows_per_kept_block", lambda row_bytes: 2)
+    p2 = torch.randn(2, 8, 16, 16)
+    boxes = [
+        torch.tensor([[2.0, 3.0, 40.0, 50.0], [10.0, 0.0, 60.0, 30.0], [5.0, 5.0, 20.0, 20.0]]),
+        torch.tensor([[0.0, 0.0, 64.0, 64.0], [30.0, 12.0, 50.0, 60.0]]),
+    ]
+    classes = torch.tensor([2, 0, 1, 1, 2])
+    with torch.no_grad():
+        expected = class_channel(head.predict(p2, boxes, classes)[0], classes)
+        actual = fast.predict(p2, boxes, classes)[0]
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert calls[:3] == [2, 1, 2]  # image 0: 2 + 1 RoIs, image 1: 2
 
 
 @pytest.mark.parametrize("each_layer", [True, False])
