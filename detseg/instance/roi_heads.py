@@ -12,6 +12,7 @@ its inference, the mask head and mask pasting.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -22,8 +23,10 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, box_iou, roi_align
 
 from detseg.backbones.d2 import c2_msra_fill, c2_xavier_fill, normal_fill
+from detseg.engine.fast import rows_per_kept_block
 from detseg.instance.rpn import SCALE_CLAMP, apply_deltas, clip_boxes, get_deltas, pad_rows
 from detseg.ops.linear import linear_by_conv
+from detseg.ops.parallel import interleaved, parallel_map
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
@@ -34,7 +37,13 @@ class MultiLevelRoIAlign(nn.Module):
 
     ``boxes`` rows are ``[batch_index, x1, y1, x2, y2]`` in image pixels; ``features`` are the FPN
     levels whose strides are ``1 / scales``.
+
+    ``fast_inference`` (set by ``detseg.engine.fast``): without autograd, each level's RoIs are
+    pooled as interleaved pieces on all intra-op threads (``detseg.ops.parallel``: torchvision's
+    CPU ``roi_align`` runs on one), the same values.
     """
+
+    fast_inference = False
 
     def __init__(
         self,
@@ -68,13 +77,29 @@ class MultiLevelRoIAlign(nn.Module):
         levels = self.levels(boxes[:, 1:])
         c, s = features[0].shape[1], self.output_size
         out = features[0].new_empty((len(boxes), c, s, s))  # every box has one level: all set
-        for i, (feat, scale) in enumerate(zip(features, self.scales, strict=True)):
-            idx = torch.nonzero(levels == i).squeeze(1)
-            if len(idx):
-                out[idx] = roi_align(
-                    feat, boxes[idx].to(feat.dtype), s, scale, self.sampling_ratio, aligned=True
-                )
+        threads = (
+            torch.get_num_threads() if self.fast_inference and not torch.is_grad_enabled() else 1
+        )
+        jobs = []  # (level, RoI indices)
+        for i in range(len(features)):
+            jobs += [(i, piece) for piece in interleaved(torch.nonzero(levels == i)[:, 0], threads)]
+        pooled = parallel_map(functools.partial(self._pool, features, boxes), jobs, threads)
+        for (_, idx), values in zip(jobs, pooled, strict=True):
+            out[idx] = values
         return out
+
+    def _pool(self, features: Sequence[Tensor], boxes: Tensor, job: tuple[int, Tensor]) -> Tensor:
+        """RoIAlign of the rows ``job[1]`` of ``boxes`` on level ``job[0]``."""
+        level, idx = job
+        feat = features[level]
+        return roi_align(
+            feat,
+            boxes[idx].to(feat.dtype),
+            self.output_size,
+            self.scales[level],
+            self.sampling_ratio,
+            aligned=True,
+        )
 
 
 def pooler_boxes(boxes: Sequence[Tensor]) -> Tensor:
@@ -350,7 +375,14 @@ class RoIHeads(nn.Module):
     the mask head sees only the foreground RoIs, with 28x28 targets cropped from the GT bitmasks.
     ``train_on_pred_boxes`` (PointRend) feeds the mask stage the box head's regressed GT-class
     boxes instead of the proposals (no gradient).
+
+    ``fast_inference`` (set by ``detseg.engine.fast``): in eval both stages run on pieces of RoIs
+    (``_pieces``), the same values: 1,000 pooled 7x7 RoIs are 50 MB, the mask head's 28x28
+    deconvolution of 100 detections 80 MB, and each temporary above the blocks glibc keeps is
+    faulted in afresh on every call (``rows_per_kept_block``).
     """
+
+    fast_inference = False
 
     def __init__(
         self,
@@ -399,8 +431,13 @@ class RoIHeads(nn.Module):
         """
         # NCHW once for both poolers (roi_align copies channels-last maps to NCHW on every call)
         pooler_features = [f.contiguous() for f in features]
-        pooled = self.box_pooler(*pooler_features, pooler_boxes(proposals))
-        scores, deltas = self.box_predictor(self.box_head(pooled))
+        rows = pooler_boxes(proposals)
+        c, s = features[0].shape[1], self.box_pooler.output_size
+        parts = [
+            self.box_predictor(self.box_head(self.box_pooler(*pooler_features, rows[piece])))
+            for piece in self._pieces(len(rows), c * s * s * features[0].element_size())
+        ]
+        scores, deltas = (torch.cat(p) for p in zip(*parts, strict=True))
         splits = [len(p) for p in proposals]
         dets = [
             self.box_inference.single(p, s, d, size)
@@ -424,12 +461,31 @@ class RoIHeads(nn.Module):
         """Predicted-class mask probabilities (R, 28, 28) for per-image ``boxes`` and ``classes``
         (R,); ``pooler_features``: ``features`` made NCHW for RoIAlign, when already at hand."""
         pooled_from = features if pooler_features is None else pooler_features
-        logits = self.mask_head(self.mask_pooler(*pooled_from, pooler_boxes(boxes)))
+        rows = pooler_boxes(boxes)
+        side = 2 * self.mask_pooler.output_size  # the deconvolution's output, the largest map
+        row_bytes = self.mask_head.deconv.out_channels * side * side * features[0].element_size()
+        return torch.cat(
+            [
+                self._class_probs(
+                    self.mask_head(self.mask_pooler(*pooled_from, rows[piece])), classes[piece]
+                )
+                for piece in self._pieces(len(rows), row_bytes)
+            ]
+        )
+
+    @staticmethod
+    def _class_probs(logits: Tensor, classes: Tensor) -> Tensor:
+        """Sigmoid of each RoI's ``classes`` channel of ``logits`` (R, K, M, M) -> (R, M, M)."""
         if logits.shape[1] > 1:
-            logits = logits[torch.arange(len(classes), device=logits.device), classes]
-        else:
-            logits = logits[:, 0]
-        return logits.sigmoid()
+            return logits[torch.arange(len(classes), device=logits.device), classes].sigmoid()
+        return logits[:, 0].sigmoid()
+
+    def _pieces(self, rows: int, row_bytes: int) -> list[slice]:
+        """The slices of ``rows`` RoIs computed together: all of them (the reference), or in the
+        fast path pieces of ``rows_per_kept_block(row_bytes)`` (at least one slice, maybe empty)."""
+        fast = self.fast_inference and not self.training
+        step = rows_per_kept_block(row_bytes) if fast else max(rows, 1)
+        return [slice(i, i + step) for i in range(0, max(rows, 1), step)]
 
     # -- training ----------------------------------------------------------------------------
     def label_and_sample(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from detseg.engine.fast import accelerate
 from detseg.errors import CheckpointError
 from detseg.instance.maskrcnn import (
     MaskRCNN,
@@ -17,6 +18,7 @@ from detseg.instance.maskrcnn import (
     from_detectron2,
     paste_masks,
 )
+from detseg.instance.roi_heads import RoIHeads, pooler_boxes
 from tests.parity import _regen, fixture_names, parity_dir, run_fixture
 
 PARTS = [
@@ -75,6 +77,29 @@ def test_level_rule_boundaries() -> None:
     sides = torch.tensor([16.0, 111.9, 112.0, 224.0, 448.0, 2000.0])
     boxes = torch.stack([torch.zeros(6), torch.zeros(6), sides, sides], 1)
     assert pooler.levels(boxes).tolist() == [0, 0, 1, 2, 3, 3]
+
+
+def test_fast_pooler_and_heads_in_pieces_equal_the_reference(monkeypatch) -> None:
+    """The fast path's RoIAlign on interleaved pieces in threads and both stages on pieces of
+    RoIs give the reference's values."""
+    torch.manual_seed(0)
+    reference = RoIHeads(num_classes=3).eval()
+    fast = accelerate(reference)
+    assert fast.box_pooler.fast_inference and fast.fast_inference
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr("detseg.instance.roi_heads.rows_per_kept_block", lambda row_bytes: 7)
+    features = [torch.randn(2, 256, 128 // 2**i, 128 // 2**i) for i in range(4)]
+    corners = torch.rand(2, 30, 2) * 200
+    proposals = [torch.cat([c, c + 10 + torch.rand(30, 2) * 300], 1) for c in corners]
+    rows = pooler_boxes(proposals)
+    assert len(set(reference.box_pooler.levels(rows[:, 1:]).tolist())) > 1  # several levels
+    with torch.no_grad():
+        assert torch.equal(fast.box_pooler(*features, rows), reference.box_pooler(*features, rows))
+        expected = reference(features, proposals, [(512, 512)] * 2)
+        actual = fast(features, proposals, [(512, 512)] * 2)
+    for want_image, got_image in zip(expected, actual, strict=True):
+        for w, g in zip(want_image, got_image, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
 def test_paste_full_box_mask() -> None:

@@ -1,0 +1,46 @@
+"""Running a kernel that has no intra-op parallelism on pieces of its work in parallel threads.
+
+torchvision's CPU ``roi_align`` loops over the RoIs on one thread (1,000 RoIs: 443 ms on two
+threads, 195 ms as two halves in two threads, here). Torch kernels release the GIL, so pieces
+submitted to a small thread pool run on all cores.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="detseg-ops")
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
+    """``[fn(item) for item in items]``, in order, on up to ``threads`` threads (on this one when
+    ``threads`` or the number of items is 1), under the caller's grad and inference modes (both
+    are per thread in torch). The first error of a call is raised here."""
+    items = list(items)
+    workers = min(threads, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def call(item: T) -> R:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(item)
+
+    return list(_pool(workers).map(call, items))
+
+
+def interleaved(index: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """``index`` (K,) dealt into ``min(parts, K)`` interleaved pieces (``index[k::parts]``): pieces
+    of about equal cost when the cost of an item does not follow its position."""
+    return [index[k::parts] for k in range(min(parts, len(index)))]
