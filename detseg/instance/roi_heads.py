@@ -38,9 +38,9 @@ class MultiLevelRoIAlign(nn.Module):
     ``boxes`` rows are ``[batch_index, x1, y1, x2, y2]`` in image pixels; ``features`` are the FPN
     levels whose strides are ``1 / scales``.
 
-    ``fast_inference`` (set by ``detseg.engine.fast``): without autograd, each level's RoIs are
-    pooled as interleaved pieces on all intra-op threads (``detseg.ops.parallel``: torchvision's
-    CPU ``roi_align`` runs on one), the same values.
+    ``fast_inference`` (set by ``detseg.engine.fast``): on the CPU without autograd, each level's
+    RoIs are pooled as interleaved pieces on all intra-op threads (``detseg.ops.parallel``:
+    torchvision's CPU ``roi_align`` runs on one), the same values.
     """
 
     fast_inference = False
@@ -77,9 +77,8 @@ class MultiLevelRoIAlign(nn.Module):
         levels = self.levels(boxes[:, 1:])
         c, s = features[0].shape[1], self.output_size
         out = features[0].new_empty((len(boxes), c, s, s))  # every box has one level: all set
-        threads = (
-            torch.get_num_threads() if self.fast_inference and not torch.is_grad_enabled() else 1
-        )
+        fast = self.fast_inference and not torch.is_grad_enabled() and boxes.device.type == "cpu"
+        threads = torch.get_num_threads() if fast else 1
         jobs = []  # (level, RoI indices)
         for i in range(len(features)):
             jobs += [(i, piece) for piece in interleaved(torch.nonzero(levels == i)[:, 0], threads)]

@@ -7,6 +7,7 @@ submitted to a small thread pool run on all cores.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,16 +26,25 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
     """``[fn(item) for item in items]``, in order, on up to ``threads`` threads (on this one when
-    ``threads`` or the number of items is 1), under the caller's grad and inference modes (both
-    are per thread in torch). The first error of a call is raised here."""
+    ``threads`` or the number of items is 1), under the caller's grad, inference and autocast
+    modes (all three are per thread in torch). The first error of a call is raised here."""
     items = list(items)
     workers = min(threads, len(items))
     if workers <= 1:
         return [fn(item) for item in items]
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+    autocasts = [
+        (device, torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    ]
 
     def call(item: T) -> R:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        with contextlib.ExitStack() as modes:
+            modes.enter_context(torch.inference_mode(inference))
+            modes.enter_context(torch.set_grad_enabled(grad))
+            for device, dtype in autocasts:
+                modes.enter_context(torch.autocast(device, dtype=dtype))
             return fn(item)
 
     return list(_pool(workers).map(call, items))

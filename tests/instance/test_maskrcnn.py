@@ -100,6 +100,10 @@ def test_fast_pooler_and_heads_in_pieces_equal_the_reference(monkeypatch) -> Non
     for want_image, got_image in zip(expected, actual, strict=True):
         for w, g in zip(want_image, got_image, strict=True):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    low = [f.bfloat16() for f in features]  # what a bf16 backbone hands over
+    with torch.no_grad():  # the pooler's threads run under the caller's autocast (float32 RoIAlign)
+        bf16 = accelerate(reference, precision="bf16")(low, proposals, [(512, 512)] * 2)
+    assert all(torch.isfinite(image[3]).all() for image in bf16)
 
 
 def test_paste_full_box_mask() -> None:

@@ -1,4 +1,4 @@
-"""detseg.ops.parallel: order, errors and the caller's autograd modes in the worker threads."""
+"""detseg.ops.parallel: order, errors and the caller's modes in the worker threads."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def test_modes_follow_the_caller_and_errors_reach_it() -> None:
     with torch.no_grad():
         assert set(parallel_map(modes, range(4), threads=2)) == {(False, False)}
     assert set(parallel_map(modes, range(4), threads=2)) == {(False, True)}
+
+    def cast(_: int) -> tuple[bool, torch.dtype]:
+        return torch.is_autocast_enabled("cpu"), torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert set(parallel_map(cast, range(4), threads=2)) == {(True, torch.bfloat16)}
 
     def fail(x: int) -> int:
         raise ValueError(f"item {x}")
