@@ -152,18 +152,18 @@ class PointHead(nn.Module):
 
 
 def sample_box_features(
-    feature: Tensor, stride: int, boxes: Sequence[Tensor], coords: Tensor
+    feature: Tensor, stride: int, boxes: Sequence[Tensor], coords: Tensor, threads: int = 1
 ) -> Tensor:
     """Fine features (R, C, P) of ``feature`` (N, C, H, W) at box-normalised ``coords`` (R, P, 2).
 
     ``boxes`` are per image (R_i, 4) xyxy in image pixels; image pixels map to the map's [0, 1]
-    extent by ``1 / (stride * W, stride * H)``.
+    extent by ``1 / (stride * W, stride * H)``. ``threads``: ``point_sample``'s.
     """
     h, w = feature.shape[-2:]
     scale = torch.tensor([w, h], dtype=coords.dtype, device=coords.device) / (1.0 / stride)
     points = box_points_to_image(torch.cat(list(boxes)), coords).split([len(b) for b in boxes])
     out = [
-        point_sample(feature[i : i + 1], (p / scale).unsqueeze(0))[0].transpose(1, 0)
+        point_sample(feature[i : i + 1], (p / scale).unsqueeze(0), threads)[0].transpose(1, 0)
         for i, p in enumerate(points)
     ]
     return torch.cat(out)
@@ -277,7 +277,8 @@ class PointRendMaskHead(nn.Module):
     ) -> Tensor:
         """Point logits (R, K|1, P) at box-normalised ``coords`` (R, P, 2); the fast path in
         pieces of RoIs whose (P, C) point features stay within ``rows_per_kept_block`` (100
-        RoIs x 784 points x 256 channels are 80 MB per layer: half the speed, see there)."""
+        RoIs x 784 points x 256 channels are 80 MB per layer: half the speed, see there), each
+        piece's p2 samples on all threads (``point_sample``)."""
         if not (self.fast_inference and not self.training) or len(coords) == 0:
             fine = sample_box_features(p2, self.stride, boxes, coords)
             return self.point_head(fine, point_sample(coarse, coords), classes)
@@ -287,7 +288,9 @@ class PointRendMaskHead(nn.Module):
             for first in range(0, len(image_boxes), per_piece):
                 piece = image_boxes[first : first + per_piece]
                 rows = slice(start + first, start + first + len(piece))
-                fine = sample_box_features(p2[i : i + 1], self.stride, [piece], coords[rows])
+                fine = sample_box_features(
+                    p2[i : i + 1], self.stride, [piece], coords[rows], torch.get_num_threads()
+                )
                 only = None if classes is None else classes[rows]
                 pieces.append(self.point_head(fine, point_sample(coarse[rows], coords[rows]), only))
             start += len(image_boxes)

@@ -12,16 +12,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detseg.ops.parallel import parallel_map
 
-def point_sample(input: Tensor, coords: Tensor, **kwargs: object) -> Tensor:
+
+def point_sample(input: Tensor, coords: Tensor, threads: int = 1, **kwargs: object) -> Tensor:
     """Bilinear samples of ``input`` (N, C, H, W) at ``coords`` (N, P, 2) or (N, Hg, Wg, 2).
 
     Returns (N, C, P) or (N, C, Hg, Wg): ``grid_sample(input, 2 * coords - 1)`` with zero padding
-    and ``align_corners=False`` unless ``kwargs`` say otherwise.
+    and ``align_corners=False`` unless ``kwargs`` say otherwise. ``threads`` > N (flat coords):
+    the points are sampled in ``threads`` pieces in parallel (``detseg.ops.parallel``): the CPU
+    ``grid_sample`` spreads only the N maps over threads (one map: one thread). Same values.
     """
     flat = coords.dim() == 3
     grid = coords.unsqueeze(2) if flat else coords
     kwargs.setdefault("align_corners", False)
+    if flat and threads > len(input) and input.device.type == "cpu":
+        pieces = parallel_map(
+            lambda part: F.grid_sample(input, 2.0 * part - 1.0, **kwargs),
+            grid.chunk(threads, dim=1),
+            threads,
+        )
+        return torch.cat(pieces, dim=2).squeeze(3)
     out = F.grid_sample(input, 2.0 * grid - 1.0, **kwargs)
     return out.squeeze(3) if flat else out
 

@@ -53,3 +53,14 @@ def test_box_points_to_image() -> None:
     boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
     pts = box_points_to_image(boxes, torch.tensor([[[0.0, 0.0], [0.5, 1.0]]]))
     assert torch.equal(pts, torch.tensor([[[10.0, 20.0], [20.0, 60.0]]]))
+
+
+def test_points_in_parallel_pieces_equal_one_call() -> None:
+    """threads > N: the points are sampled in pieces on several threads, the same values."""
+    torch.manual_seed(0)
+    feature = torch.randn(1, 5, 9, 7)
+    coords = torch.rand(1, 10, 2) * 1.2 - 0.1  # some outside: zero padding
+    whole = point_sample(feature, coords)
+    for threads in (2, 3):
+        assert torch.equal(point_sample(feature, coords, threads), whole)
+    assert point_sample(feature, coords, 3).shape == (1, 5, 10)
