@@ -9,7 +9,7 @@
 - per model family, as measured by ``bench/run.py`` (``PLANS``): channels-last weights;
 - with ``precision="bf16"`` (or ``"fp16"`` on CUDA) its forward under ``torch.autocast``, floating
   outputs cast back to float32;
-- process-wide, glibc keeps freed memory for reuse (``keep_freed_memory``).
+- process-wide, glibc keeps freed blocks up to 32 MB for reuse (``keep_freed_memory``).
 
 The float32 fast path keeps the outputs within 1e-4 of the reference (eager, NCHW, float32), which
 ``--exact`` still selects; reduced precision trades accuracy for speed (``docs/performance.md``).
@@ -168,33 +168,27 @@ def _wrap_forward(module: nn.Module, dtype: torch.dtype | None) -> None:
     module.forward = forward  # type: ignore[method-assign]
 
 
-KEPT_BLOCK_BYTES = 32 << 20  # glibc's largest mmap threshold (``keep_freed_memory``)
+KEPT_BLOCK_BYTES = 32 << 20  # the largest freed block glibc can keep (``keep_freed_memory``)
 
 
 def rows_per_kept_block(row_bytes: int) -> int:
     """How many rows of ``row_bytes`` to compute at a time so that each temporary stays within
     half of ``KEPT_BLOCK_BYTES`` (at least 1). A larger temporary is a fresh ``mmap`` on every
-    call, its pages faulted in and zeroed again, wherever ``keep_freed_memory`` cannot keep it
-    (a thread other than the main one, another C library): a 1x1 convolution with an 80 MB
-    output ran at half the throughput of the same work in 20 MB pieces here. Pieces of that size
-    cost nothing where it does (PointRend's point head: the same time either way)."""
+    call whatever ``keep_freed_memory`` says, its pages faulted in and zeroed again: a 1x1
+    convolution with an 80 MB output ran at half the throughput of the same work in 20 MB
+    pieces here."""
     return max(1, (KEPT_BLOCK_BYTES // 2) // max(1, row_bytes))
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Process-wide, once: let glibc keep freed memory for reuse instead of handing it back to
-    the kernel (``mallopt``: ``M_MMAP_THRESHOLD`` 32 MB, its maximum, ``M_MMAP_MAX`` 0: no block
-    of the main thread's arena is a separate ``mmap``, and ``M_TRIM_THRESHOLD`` 1 GB).
-    Inference allocates the same large temporaries on every call (an HD frame's float maps are
-    8-25 MB, a 2048-channel 64x64 map 32 MB); by default each block from 32 MB up (from 128 KB
-    up before the threshold adapts) is a fresh ``mmap`` whose pages the kernel faults in and
-    zeroes again: BackgroundMattingV2 on real HD frames ran 4.6 frames/s that way and 13 frames/s
-    with the 32 MB threshold; ``M_MMAP_MAX`` 0 made PSPNet R50 at 512x512 6-8% faster again,
-    SegNet 7%, GFM DenseNet-121 4%. The cost: the process keeps the memory of its largest call
-    (PSPNet R50 at 512x512: 1,298 MB resident between calls instead of 1,077, at a peak of 1,298
-    against 1,288 MB), and up to 1 GB of free memory at the heap's end. Returns whether it applied (glibc on Linux
-    only; elsewhere nothing changes)."""
+    """Process-wide, once: let glibc keep freed blocks of up to 32 MB for reuse instead of handing
+    them back to the kernel (``mallopt`` ``M_MMAP_THRESHOLD`` 32 MB, its maximum, and
+    ``M_TRIM_THRESHOLD`` 1 GB). Inference allocates the same large temporaries on every call (an
+    HD frame's float maps are 8-25 MB); by default each one is a fresh ``mmap`` whose pages the
+    kernel faults in and zeroes again: BackgroundMattingV2 on real HD frames ran 4.6 frames/s
+    that way and 13 frames/s with this. The cost: up to 1 GB of freed memory stays with the
+    process. Returns whether it applied (glibc on Linux only; elsewhere nothing changes)."""
     import ctypes
     import platform
 
@@ -204,9 +198,10 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
-    settings = ((m_mmap_threshold, KEPT_BLOCK_BYTES), (m_mmap_max, 0), (m_trim_threshold, 1 << 30))
-    return all(libc.mallopt(option, value) for option, value in settings)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, KEPT_BLOCK_BYTES)) and bool(
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    )
 
 
 def accelerate(
