@@ -39,8 +39,6 @@ def _category(name: str, shapes: list) -> str:
         return "resampling / pooling"
     if any(k in name for k in ("mm", "matmul", "linear", "addmm")):
         return "GEMM-like (conv, mm)"
-    if any(k in name for k in RESAMPLE):
-        return "resampling / pooling"
     if any(k in name for k in MEMORY):
         return "memory (copy, cat, gather)"
     if any(k in name for k in ELEMENTWISE):
