@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -20,7 +21,9 @@ R = TypeVar("R")
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per size and process: a child forked after the pool started has none of its
+    threads, and work submitted to the parent's pool would wait forever."""
     return ThreadPoolExecutor(workers, thread_name_prefix="detseg-ops")
 
 
@@ -47,7 +50,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list
                 modes.enter_context(torch.autocast(device, dtype=dtype))
             return fn(item)
 
-    return list(_pool(workers).map(call, items))
+    return list(_pool(workers, os.getpid()).map(call, items))
 
 
 def interleaved(index: torch.Tensor, parts: int) -> list[torch.Tensor]:

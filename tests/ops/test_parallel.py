@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -51,3 +53,21 @@ def test_interleaved_pieces_cover_the_index_once() -> None:
     assert [p.tolist() for p in pieces] == [[0, 12, 24], [3, 15, 27], [6, 18], [9, 21]]
     assert interleaved(index[:2], 4)[1].tolist() == [3] and len(interleaved(index[:2], 4)) == 2
     assert interleaved(index[:0], 4) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_threads() -> None:
+    assert parallel_map(abs, [-1, -2], threads=2) == [1, 2]  # the parent's pool has started
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only when the map returns (a hang times out below)
+        os._exit(0 if parallel_map(abs, [-3, -4], threads=2) == [3, 4] else 1)
+    for _ in range(100):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("parallel_map hung in a forked child")
+    assert os.waitstatus_to_exitcode(status) == 0
