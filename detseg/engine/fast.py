@@ -7,8 +7,8 @@
 - the modules' own fast paths switched on: a module class with a ``fast_inference`` attribute
   (e.g. the BackgroundMattingV2 refiner) gets it set to True;
 - per model family, as measured by ``bench/run.py`` (``PLANS``): channels-last weights;
-- with ``precision="bf16"`` (or ``"fp16"`` on CUDA) its forward under ``torch.autocast``, floating
-  outputs cast back to float32;
+- its forward under ``torch.autocast`` with ``precision="bf16"`` (or ``"fp16"`` on CUDA), floating
+  outputs cast back to float32, and inside ``engine.memory.heap_blocks``;
 - process-wide, glibc keeps freed blocks up to 32 MB for reuse (``keep_freed_memory``).
 
 The float32 fast path keeps the outputs within 1e-4 of the reference (eager, NCHW, float32), which
@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.ops import FrozenBatchNorm2d
 
+from detseg.engine.memory import heap_blocks, keep_freed_memory
 from detseg.errors import DetsegError
 
 if TYPE_CHECKING:
@@ -136,13 +137,20 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``fn`` applied to every tensor of a (nested) tuple / list / dict output."""
+    """``fn`` applied to every tensor of a (nested) tuple / list / dict / dataclass output."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple | list):
         return type(value)(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
         return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # ``Instances``
+        fields = {
+            f.name: _map_tensors(getattr(value, f.name), fn)
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+        return dataclasses.replace(value, **fields)
     return value
 
 
@@ -154,54 +162,25 @@ def _to_output(t: torch.Tensor) -> torch.Tensor:
 
 
 def _wrap_forward(module: nn.Module, dtype: torch.dtype | None) -> None:
-    """Give ``module`` (in place) a forward under autocast (``dtype``, or none) returning float32,
-    NCHW-contiguous outputs."""
-    inner = module.forward
+    """Give ``module`` (in place) a ``forward``, and a ``predict`` where it has one (the
+    two-stage instance models', which the instance pipeline calls), that run inside
+    ``heap_blocks`` and under autocast (``dtype``, or none) and return float32, NCHW-contiguous
+    floating outputs."""
 
-    @functools.wraps(inner)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        device = next(module.parameters()).device.type
-        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = inner(*args, **kwargs)
-        return _map_tensors(out, _to_output)
+    def fast(inner: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(inner)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            device = next(module.parameters()).device.type
+            autocast = torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=bool(dtype))
+            with heap_blocks(), autocast:
+                out = inner(*args, **kwargs)
+            return _map_tensors(out, _to_output)
 
-    module.forward = forward  # type: ignore[method-assign]
+        return call
 
-
-KEPT_BLOCK_BYTES = 32 << 20  # the largest freed block glibc can keep (``keep_freed_memory``)
-
-
-def rows_per_kept_block(row_bytes: int) -> int:
-    """How many rows of ``row_bytes`` to compute at a time so that each temporary stays within
-    half of ``KEPT_BLOCK_BYTES`` (at least 1). A larger temporary is a fresh ``mmap`` on every
-    call whatever ``keep_freed_memory`` says, its pages faulted in and zeroed again: a 1x1
-    convolution with an 80 MB output ran at half the throughput of the same work in 20 MB
-    pieces here."""
-    return max(1, (KEPT_BLOCK_BYTES // 2) // max(1, row_bytes))
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Process-wide, once: let glibc keep freed blocks of up to 32 MB for reuse instead of handing
-    them back to the kernel (``mallopt`` ``M_MMAP_THRESHOLD`` 32 MB, its maximum, and
-    ``M_TRIM_THRESHOLD`` 1 GB). Inference allocates the same large temporaries on every call (an
-    HD frame's float maps are 8-25 MB); by default each one is a fresh ``mmap`` whose pages the
-    kernel faults in and zeroes again: BackgroundMattingV2 on real HD frames ran 4.6 frames/s
-    that way and 13 frames/s with this. The cost: up to 1 GB of freed memory stays with the
-    process. Returns whether it applied (glibc on Linux only; elsewhere nothing changes)."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, KEPT_BLOCK_BYTES)) and bool(
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    )
+    module.forward = fast(module.forward)  # type: ignore[method-assign]
+    if callable(getattr(module, "predict", None)):
+        module.predict = fast(module.predict)  # type: ignore[attr-defined]
 
 
 def accelerate(
@@ -230,8 +209,7 @@ def accelerate(
             module.fast_inference = True  # type: ignore[assignment]
     if plan.channels_last:
         fast = fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if dtype is not None or plan.channels_last:
-        _wrap_forward(fast, dtype)
+    _wrap_forward(fast, dtype)
     return fast
 
 

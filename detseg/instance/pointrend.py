@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detseg.backbones.d2 import c2_msra_fill, c2_xavier_fill, normal_fill
-from detseg.engine.fast import rows_per_kept_block
+from detseg.engine.memory import rows_per_kept_block
 from detseg.instance.maskrcnn import MaskRCNN, d2_official
 from detseg.instance.roi_heads import RoIHeads, mask_rcnn_loss, mask_targets
 from detseg.ops.linear import linear_by_conv

@@ -23,7 +23,7 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, box_iou, roi_align
 
 from detseg.backbones.d2 import c2_msra_fill, c2_xavier_fill, normal_fill
-from detseg.engine.fast import rows_per_kept_block
+from detseg.engine.memory import rows_per_kept_block
 from detseg.instance.rpn import SCALE_CLAMP, apply_deltas, clip_boxes, get_deltas, pad_rows
 from detseg.ops.linear import linear_by_conv
 from detseg.ops.parallel import interleaved, parallel_map

@@ -252,8 +252,29 @@ def test_precision_errors() -> None:
 def test_keep_freed_memory_applies_once_on_glibc() -> None:
     import platform
 
-    from detseg.engine.fast import keep_freed_memory
+    from detseg.engine.memory import keep_freed_memory
 
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
     assert keep_freed_memory() is expected  # cached: the mallopt calls run once per process
+
+
+def test_the_fast_forward_and_predict_run_in_the_fast_modes() -> None:
+    """accelerate wraps ``forward`` and the two-stage models' ``predict`` (what the instance
+    pipeline calls): inside ``heap_blocks`` and, with bf16, under autocast."""
+    from detseg.engine import memory
+    from detseg.instance.maskrcnn import MaskRCNN
+
+    seen: list[tuple[bool, int]] = []
+    fast = accelerate(MaskRCNN(num_classes=3).eval(), precision="bf16")
+    fast.roi_heads.register_forward_hook(
+        lambda *_: seen.append((torch.is_autocast_enabled("cpu"), memory._HEAP_BLOCKS.running))
+    )
+    image = torch.rand(3, 64, 64) * 255
+    with torch.no_grad():
+        instances = fast.predict(image)
+        fast(image, torch.tensor([64, 64]))
+    in_heap = 1 if memory._glibc() is not None else 0
+    assert seen == [(True, in_heap), (True, in_heap)]
+    assert memory._HEAP_BLOCKS.running == 0  # left again
+    assert instances.scores.dtype == torch.float32 and instances.masks.dtype == torch.bool
