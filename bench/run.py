@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python -m bench.run [--models NAME ...] [--device cpu|cuda] [--quick]
                                         [--threads 1] [--iters 3] [--sliding] [--pipeline]
-                                        [--layouts] [--out docs/performance]
+                                        [--layouts] [--out docs/performance] [--isolate]
 
 One row per registered network at its natural input size (``NATURAL``; ``--quick`` halves each
 side), plus BackgroundMattingV2 at HD and 4K; ``--sliding`` adds sliding-window semantic inference
@@ -25,6 +25,8 @@ import csv
 import functools
 import itertools
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -362,9 +364,28 @@ def write_plot(csv_path: Path) -> None:
         fig.savefig(tmp, dpi=100, format="png")
 
 
+def run_isolated(names: list[str], args: argparse.Namespace) -> None:
+    """``--isolate``: this command once per model, then once for ``--sliding`` and once for
+    ``--pipeline``, each in a fresh process. In one long process the rows after the large models
+    run slower (FCN-8s R18 52 ms fresh, 58-97 ms after GFM R101, PointRend and PSPNet, measured
+    here), whatever the order: each row is then measured as a user's single run would be."""
+    common = ["--device", args.device, "--threads", str(args.threads), "--iters", str(args.iters)]
+    common += ["--quick"] * args.quick + ["--layouts"] * args.layouts
+    if args.out is not None:
+        common += ["--out", str(args.out)]
+    runs = [["--models", name] for name in names]
+    runs += [["--models", "--sliding"]] * args.sliding + [
+        ["--models", "--pipeline"]
+    ] * args.pipeline
+    for extra in runs:
+        subprocess.run([sys.executable, "-m", "bench.run", *extra, *common], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", help="registry names (default: all)")
+    parser.add_argument(
+        "--models", nargs="*", help="registry names (default: all; none: only --sliding/--pipeline)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="half-size inputs, one round")
     parser.add_argument("--threads", type=int, default=1)
@@ -373,11 +394,17 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true", help="add the end-to-end rows")
     parser.add_argument("--layouts", action="store_true", help="NCHW vs channels-last instead")
     parser.add_argument("--out", type=Path, default=None, help="append to OUT.csv, plot OUT.png")
+    parser.add_argument(
+        "--isolate", action="store_true", help="every row (and the extra rows) in its own process"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     iters = 1 if args.quick else args.iters
-    names = args.models or [e.name for e in list_models()]
+    names = [e.name for e in list_models()] if args.models is None else args.models
+    if args.isolate:
+        run_isolated(names, args)
+        return
     start = time.perf_counter()
     peaks = {
         "f32_peak": gemm_peak(torch.float32, device),
