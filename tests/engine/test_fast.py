@@ -93,12 +93,19 @@ def test_fast_path_matches_reference(name: str) -> None:
     _assert_same(model, accelerate(model, name, plan=FastPlan(channels_last=False)), inputs, 1e-4)
 
 
+# Random ResNet-101 weights drive BGMv2's decoder to raw outputs of about 3,000 before the [0, 1]
+# clamp of alpha and foreground: float rounding of 2e-6 relative there (the hidden channels, not
+# clamped, differ by 0.0056 at that scale) reaches 2.7e-3 in two of 4,096 clamped alpha pixels.
+CLAMPED_DRIFT = {"bgmv2_base_resnet101": 5e-3}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [e.name for e in list_models() if e.name != "hog_svm"])
 def test_every_model_fast_path_matches_reference(name: str) -> None:
     torch.manual_seed(0)
     model = _random_statistics(get_entry(name).build())
-    _assert_same(model, accelerate(model, name), example_inputs(model, 1, 64, 64), 1e-4, 1e-4)
+    atol = CLAMPED_DRIFT.get(name, 1e-4)
+    _assert_same(model, accelerate(model, name), example_inputs(model, 1, 64, 64), atol, 1e-4)
 
 
 @pytest.mark.parametrize("mode", ["sampling", "thresholding"])
