@@ -377,8 +377,9 @@ class RoIHeads(nn.Module):
 
     ``fast_inference`` (set by ``detseg.engine.fast``): in eval both stages run on pieces of RoIs
     (``_pieces``), the same values: 1,000 pooled 7x7 RoIs are 50 MB, the mask head's 28x28
-    deconvolution of 100 detections 80 MB, and each temporary above the blocks glibc keeps is
-    faulted in afresh on every call (``rows_per_kept_block``).
+    deconvolution of 100 detections 80 MB, and a temporary above the blocks glibc keeps is
+    faulted in afresh on every call wherever ``engine.memory.heap_blocks`` does not hold
+    (``rows_per_kept_block``).
     """
 
     fast_inference = False
