@@ -394,10 +394,11 @@ def _check_video_preset(source: str | Path, preset: str | None) -> None:
     any work starts (``VideoWriter`` checks it again)."""
     from detseg.data.video import check_preset, is_video
 
-    if preset is not None and not is_video(source):
+    if preset is None:
+        return
+    if not is_video(source):
         raise DetsegError(f"--video-preset is for video sources; {source} is not a video.")
-    if preset is not None:
-        check_preset(preset)
+    check_preset(preset)
 
 
 def export(

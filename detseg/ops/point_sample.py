@@ -26,14 +26,14 @@ def point_sample(input: Tensor, coords: Tensor, threads: int = 1, **kwargs: obje
     flat = coords.dim() == 3
     grid = coords.unsqueeze(2) if flat else coords
     kwargs.setdefault("align_corners", False)
+
+    def sample(points: Tensor) -> Tensor:
+        return F.grid_sample(input, 2.0 * points - 1.0, **kwargs)
+
     if flat and threads > len(input) and input.device.type == "cpu":
-        pieces = parallel_map(
-            lambda part: F.grid_sample(input, 2.0 * part - 1.0, **kwargs),
-            grid.chunk(threads, dim=1),
-            threads,
-        )
-        return torch.cat(pieces, dim=2).squeeze(3)
-    out = F.grid_sample(input, 2.0 * grid - 1.0, **kwargs)
+        out = torch.cat(parallel_map(sample, grid.chunk(threads, dim=1), threads), dim=2)
+    else:
+        out = sample(grid)
     return out.squeeze(3) if flat else out
 
 
