@@ -2,13 +2,15 @@
 
     PYTHONPATH=$PWD python -m bench.run [--models NAME ...] [--device cpu|cuda] [--quick]
                                         [--threads 1] [--iters 3] [--sliding] [--pipeline]
-                                        [--layouts] [--out docs/performance] [--isolate]
+                                        [--layouts] [--onnx] [--out docs/performance]
+                                        [--isolate]
 
 One row per registered network at its natural input size (``NATURAL``; ``--quick`` halves each
 side), plus BackgroundMattingV2 at HD and 4K; ``--sliding`` adds sliding-window semantic inference
 at 4000x3000, ``--pipeline`` the end-to-end rows (``bench/pipeline.py``). Reference = eager, NCHW,
 float32; fast = ``detseg.engine.fast.accelerate`` (f32); bf16 = the fast path under autocast. The
-three run interleaved in the same loop (warm-up, then ``--iters`` rounds; fewer for slow models),
+three (and with ``--onnx`` onnxruntime on the model's exported graph, where the graph is the whole
+forward) run interleaved in the same loop (warm-up, then ``--iters`` rounds; fewer for slow models),
 times are the best round. GFLOP/s counts the reference forward's FLOPs
 (``torch.utils.flop_counter``) over the fast path's time, beside the float32 and bfloat16 GEMM
 peaks (1024^3 products, best of) measured in every round of the same row, so that both see the
@@ -21,12 +23,15 @@ it is measured (so a run may be split over several invocations) and plots the CS
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import functools
 import itertools
+import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -82,6 +87,10 @@ class Row:
     bf16_peak: float
     peak_rss_mb: float
     rounds: int
+    onnx_ms: float = math.nan  # onnxruntime on the exported graph (``--onnx``), f32
+    onnx_vs_fast: float = math.nan  # fast_ms / onnx_ms: above 1, onnxruntime is faster
+    onnx_diff: float = math.nan  # max abs difference of onnxruntime's outputs to the reference
+    onnx_rel: float = math.nan  # onnx_diff / max abs reference output
 
 
 def gemm_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
@@ -188,7 +197,8 @@ def compare(
     iters: int,
     device: torch.device,
 ) -> Row:
-    """Time ``paths`` ("ref", "fast", "bf16": argument-less calls), interleaved, best round each.
+    """Time ``paths`` ("ref", "fast", "bf16", optionally "onnx": argument-less calls),
+    interleaved, best round each.
 
     The first reference call counts the FLOPs and sets the rounds: ``iters`` when it took under a
     second, 2 under 4 s, else 1 (so a row stays within about 12 reference-call times).
@@ -201,7 +211,7 @@ def compare(
         with counter:
             first, outputs["ref"] = _timed(paths["ref"], device)
         rounds = iters if first < 1.0 else max(1, min(iters, 2 if first < 4.0 else 1))
-        for key in ("fast", "bf16"):  # warm-up
+        for key in paths.keys() - {"ref"}:  # warm-up
             paths[key]()
         peaks = {torch.float32: 0.0, torch.bfloat16: 0.0}
         for _ in range(rounds):
@@ -213,6 +223,15 @@ def compare(
     flop = counter.get_total_flops()
     diff, rel = max_diff(outputs["ref"], outputs["fast"])
     diff16, _ = max_diff(outputs["ref"], outputs["bf16"])
+    onnx = {}
+    if "onnx" in paths:
+        onnx_diff, onnx_rel = max_diff(outputs["ref"], outputs["onnx"])
+        onnx = dict(
+            onnx_ms=best["onnx"] * 1e3,
+            onnx_vs_fast=best["fast"] / best["onnx"],
+            onnx_diff=onnx_diff,
+            onnx_rel=onnx_rel,
+        )
     return Row(
         model=label,
         size=size,
@@ -232,12 +251,34 @@ def compare(
         bf16_peak=peaks[torch.bfloat16],
         peak_rss_mb=rss.peak / 2**20,
         rounds=rounds,
+        **onnx,
     )
 
 
 def reduced_precision(device: torch.device) -> str:
     """The fast reduced precision of ``device``: bfloat16 on the CPU, float16 on CUDA."""
     return "bf16" if device.type == "cpu" else "fp16"
+
+
+def onnx_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], folder: str) -> Any:
+    """onnxruntime on ``model``'s exported graph (traced at the inputs' size), as a callable of
+    the forward's signature; None (with the reason printed) where the graph is not the whole
+    forward (Mask R-CNN / PointRend export their first stage only) or there is none."""
+    from detseg.engine.export import NotExportable, export_model, ort_session
+    from detseg.engine.onnx_runtime import OrtForward, read_metadata
+
+    h, w = inputs[0].shape[-2:]
+    path = Path(folder) / "model.onnx"
+    try:
+        summary = export_model(copy.deepcopy(model), path, h, w, check=False)
+    except NotExportable as exc:
+        print(f"  no onnxruntime column: {exc}", flush=True)
+        return None
+    if not summary["runtime"]:
+        print(f"  no onnxruntime column: the graph holds {summary['note']}", flush=True)
+        return None
+    session = ort_session(path, inputs[0].device)
+    return OrtForward(session, read_metadata(session))
 
 
 def measure(
@@ -249,19 +290,27 @@ def measure(
     device: torch.device,
     plan: FastPlan | None = None,
     name: str | None = None,
+    onnx: bool = False,
 ) -> Row:
-    """Reference, fast (f32) and fast (bf16 / fp16) of ``model`` on ``inputs``."""
+    """Reference, fast (f32) and fast (bf16 / fp16) of ``model`` on ``inputs``; with ``onnx``,
+    onnxruntime on its exported graph too."""
     model = model.eval().to(device)
     nets = {
         "ref": model,
         "fast": accelerate(model, name, "f32", plan),
         "bf16": accelerate(model, name, reduced_precision(device), plan),
     }
+    with tempfile.TemporaryDirectory() as folder:
+        runtime = onnx_forward(model, inputs, folder) if onnx else None
+    if runtime is not None:
+        nets["onnx"] = runtime
     paths = {key: functools.partial(net, *inputs) for key, net in nets.items()}
     return compare(label, size, paths, iters, device)
 
 
-def model_rows(names: list[str], quick: bool, iters: int, device: torch.device) -> Iterator[Row]:
+def model_rows(
+    names: list[str], quick: bool, iters: int, device: torch.device, onnx: bool = False
+) -> Iterator[Row]:
     for name in names:
         if name in SKIP:
             print(f"skip {name}: {SKIP[name]}", flush=True)
@@ -280,7 +329,7 @@ def model_rows(names: list[str], quick: bool, iters: int, device: torch.device) 
                     refine_prevent_oversampling=False,
                 )
                 inputs = example_inputs(model.to(device), 1, h, w)
-                yield measure(name, label, model, inputs, iters, device, name=name)
+                yield measure(name, label, model, inputs, iters, device, name=name, onnx=onnx)
             continue
         h, w = natural_size(name)
         if quick:
@@ -288,7 +337,7 @@ def model_rows(names: list[str], quick: bool, iters: int, device: torch.device) 
         torch.manual_seed(0)
         model = entry.build().to(device)
         inputs = example_inputs(model, 1, h, w)
-        yield measure(name, f"{w}x{h}", model, inputs, iters, device, name=name)
+        yield measure(name, f"{w}x{h}", model, inputs, iters, device, name=name, onnx=onnx)
 
 
 def layout_rows(names: list[str], quick: bool, iters: int, device: torch.device) -> Iterator[Row]:
@@ -305,27 +354,55 @@ def layout_rows(names: list[str], quick: bool, iters: int, device: torch.device)
         )
 
 
-def print_row(row: Row) -> None:
+def print_row(row: Row, onnx: bool = False) -> None:
+    """``row`` as a line of the table (with the onnxruntime cells when ``onnx``)."""
     print(
         f"| {row.model} | {row.size} | {row.ref_ms:.0f} | {row.fast_ms:.0f} | {row.ratio:.2f} | "
         f"{row.max_diff:.1e} ({row.rel_diff:.0e}) | {row.bf16_ms:.0f} | {row.bf16_ratio:.2f} | "
         f"{row.bf16_diff:.1e} | {row.gflop:.1f} | {row.gflops:.0f} | {row.pct_f32_peak:.0f}% | "
         f"{row.bf16_gflops:.0f} | {row.f32_peak:.0f} / {row.bf16_peak:.0f} | "
-        f"{row.peak_rss_mb:.0f} |",
+        f"{row.peak_rss_mb:.0f} |" + (_onnx_cells(row) if onnx else ""),
         flush=True,
+    )
+
+
+def _onnx_cells(row: Row) -> str:
+    """The onnxruntime columns of ``row`` ("-" where it has none), as table cells."""
+    if math.isnan(row.onnx_ms):
+        return " - | - | - |"
+    return (
+        f" {row.onnx_ms:.0f} | {row.onnx_vs_fast:.2f} | {row.onnx_diff:.1e} ({row.onnx_rel:.0e}) |"
     )
 
 
 HEADER = (
     "| model | input | ref ms | fast ms | ratio | max diff (rel) | bf16 ms | bf16/f32 | bf16 diff "
-    "| GFLOP | GFLOP/s | % f32 peak | bf16 GFLOP/s | GEMM peak f32 / bf16 | peak RSS MB |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| GFLOP | GFLOP/s | % f32 peak | bf16 GFLOP/s | GEMM peak f32 / bf16 | peak RSS MB |"
 )
+RULE = "|---" * 15 + "|"
+ONNX_HEADER = " onnx ms | fast / onnx | onnx diff (rel) |"
+
+
+def header(onnx: bool) -> str:
+    """The table's header (with the onnxruntime columns when ``onnx``) and its rule line."""
+    if onnx:
+        return HEADER + ONNX_HEADER + "\n" + RULE + "---|" * 3
+    return HEADER + "\n" + RULE
 
 
 def append_csv(row: Row, path: Path) -> None:
-    """Add ``row`` to the CSV at ``path`` (header when new): a long run keeps what it measured."""
+    """Add ``row`` to the CSV at ``path`` (header when new): a long run keeps what it measured.
+
+    Raises SystemExit when the file has other columns (written by an older version)."""
     new = not path.exists()
+    if not new:
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), [])
+        if columns != list(asdict(row)):
+            raise SystemExit(
+                f"{path} has other columns (an older run of the benchmark); move it away or "
+                "pick another --out."
+            )
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(row)))
         if new:
@@ -347,11 +424,16 @@ def write_plot(csv_path: Path) -> None:
     labels = [f"{r['model']} {r['size']}" for r in rows]
     ratio = [float(r["ratio"]) for r in rows]
     bf16 = [float(r["ref_ms"]) / float(r["bf16_ms"]) for r in rows]
+    bars = {"fast f32": ratio, "fast bf16": bf16}
+    if any(not math.isnan(float(r.get("onnx_ms", "nan"))) for r in rows):
+        bars["onnxruntime f32"] = [float(r["ref_ms"]) / float(r["onnx_ms"]) for r in rows]
     pct = [float(r["pct_f32_peak"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.28 * len(rows) + 1.5), sharey=True)
     y = list(range(len(rows)))
-    ax1.barh([i - 0.2 for i in y], ratio, 0.4, label="fast f32")
-    ax1.barh([i + 0.2 for i in y], bf16, 0.4, label="fast bf16")
+    height = 0.8 / len(bars)
+    for k, (label, values) in enumerate(bars.items()):
+        offset = (k - (len(bars) - 1) / 2) * height
+        ax1.barh([i + offset for i in y], values, height, label=label)
     ax1.axvline(1.0, color="k", lw=0.8)
     ax1.set(xlabel="speed-up over the reference path", yticks=y, yticklabels=labels)
     ax1.legend()
@@ -370,7 +452,7 @@ def run_isolated(names: list[str], args: argparse.Namespace) -> None:
     run slower (FCN-8s R18 52 ms fresh, 58-97 ms after GFM R101, PointRend and PSPNet, measured
     here), whatever the order: each row is then measured as a user's single run would be."""
     common = ["--device", args.device, "--threads", str(args.threads), "--iters", str(args.iters)]
-    common += ["--quick"] * args.quick + ["--layouts"] * args.layouts
+    common += ["--quick"] * args.quick + ["--layouts"] * args.layouts + ["--onnx"] * args.onnx
     if args.out is not None:
         common += ["--out", str(args.out)]
     runs = [["--models", name] for name in names]
@@ -393,6 +475,9 @@ def main() -> None:
     parser.add_argument("--sliding", action="store_true", help="add the 4000x3000 sliding rows")
     parser.add_argument("--pipeline", action="store_true", help="add the end-to-end rows")
     parser.add_argument("--layouts", action="store_true", help="NCHW vs channels-last instead")
+    parser.add_argument(
+        "--onnx", action="store_true", help="add onnxruntime on each model's exported graph"
+    )
     parser.add_argument("--out", type=Path, default=None, help="append to OUT.csv, plot OUT.png")
     parser.add_argument(
         "--isolate", action="store_true", help="every row (and the extra rows) in its own process"
@@ -416,15 +501,17 @@ def main() -> None:
         f"{load[0]:.1f}; GEMM peak f32 {peaks['f32_peak']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16_peak']:.0f} GFLOP/s"
     )
-    print(HEADER)
-    source = layout_rows if args.layouts else model_rows
-    rows = source(names, args.quick, iters, device)
+    print(header(args.onnx and not args.layouts))
+    if args.layouts:
+        rows = layout_rows(names, args.quick, iters, device)
+    else:
+        rows = model_rows(names, args.quick, iters, device, args.onnx)
     if args.sliding:
         from bench.sliding_rows import sliding_rows
 
         rows = itertools.chain(rows, sliding_rows(device, args.quick))
     for row in rows:
-        print_row(row)
+        print_row(row, args.onnx)
         if args.out is not None:
             append_csv(row, args.out.with_suffix(".csv"))
     end_peaks = (gemm_peak(torch.float32, device), gemm_peak(torch.bfloat16, device))

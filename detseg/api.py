@@ -436,6 +436,14 @@ def load_onnx(path: str | Path, device: str | torch.device = "cpu") -> LoadedMod
     return load(path, device)
 
 
+def onnx_model(model: LoadedModel, device: str | torch.device = "cpu") -> LoadedModel:
+    """``model`` run by onnxruntime on its graph, exported once into the cache folder
+    (``detseg.engine.onnx_cache``; ``detseg predict --runtime onnx`` without ``--onnx``)."""
+    from detseg.engine.onnx_cache import onnx_model as cached
+
+    return cached(model, device)
+
+
 def coco_eval(
     gt: str | Path, results: str | Path, iou_type: str = "bbox", plot: str | Path | None = None
 ) -> Any:

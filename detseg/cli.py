@@ -368,6 +368,19 @@ def eval_cmd(
     console.print(f"mIoU {metrics['mIoU']:.2f}  pixel acc {metrics['pixel_acc']:.2f}")
 
 
+def _check_runtime(runtime: str, onnx: Path | None, exact: bool, precision: str) -> None:
+    """``predict``'s runtime options are consistent, else DetsegError (exit code 2)."""
+    if runtime not in ("torch", "onnx"):
+        raise DetsegError(f"--runtime {runtime!r}: use torch or onnx.")
+    if onnx is not None and runtime != "onnx":
+        raise DetsegError("--onnx FILE runs with --runtime onnx.")
+    if runtime == "onnx" and (exact or precision != "f32"):
+        raise DetsegError(
+            "--runtime onnx runs the exported graph in float32; --exact and --precision are for "
+            "--runtime torch."
+        )
+
+
 @app.command("predict")
 @user_errors
 def predict_cmd(
@@ -392,7 +405,11 @@ def predict_cmd(
     save_coco: Path = typer.Option(None, help="detection/instance: COCO results JSON."),
     exact: bool = ExactOpt,
     precision: str = PrecisionOpt,
-    runtime: str = typer.Option("torch", help="torch, or onnx (runs the --onnx file)."),
+    runtime: str = typer.Option(
+        "torch",
+        help="torch, or onnx: onnxruntime on the --onnx file, else on the model's graph "
+        "exported once into the cache (docs/export.md).",
+    ),
     onnx: Path = typer.Option(None, help="An ONNX file written by `detseg export`."),
     bgr: Path = typer.Option(None, help="BGMv2 video: the clean background plate."),
     video_preset: str = VideoPresetOpt,
@@ -414,15 +431,16 @@ def predict_cmd(
     """
     if backend not in ("local", "ray"):
         raise DetsegError(f"--backend {backend!r}: use local or ray.")
-    if backend == "ray" and (save_coco is not None or onnx is not None or video_preset):
+    if backend == "ray" and (save_coco is not None or runtime == "onnx" or video_preset):
         raise DetsegError(
-            "--save-coco, --onnx and --video-preset are for --backend local; Ray writes Parquet "
-            "rows."
+            "--save-coco, --runtime onnx and --video-preset are for --backend local; Ray writes "
+            "Parquet rows."
         )
-    if runtime not in ("torch", "onnx") or (runtime == "onnx") != (onnx is not None):
-        raise DetsegError("use --runtime torch, or --runtime onnx with --onnx FILE.onnx.")
+    _check_runtime(runtime, onnx, exact, precision)
     if onnx is not None:
         loaded = api.load_onnx(onnx, device)
+    elif runtime == "onnx":
+        loaded = api.onnx_model(api.load_model(model, weights, "cpu"), device)
     elif backend == "ray":  # shipped to the actors, whose predictors take the fast path
         loaded = api.load_model(model, weights, "cpu")
     else:

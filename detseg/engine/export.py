@@ -220,7 +220,8 @@ def model_metadata(loaded: LoadedModel) -> dict[str, Any]:
 
 def ort_session(path: str | Path, device: str | torch.device = "cpu") -> Any:
     """An onnxruntime ``InferenceSession`` of ``path`` (CUDA provider on a CUDA ``device`` when
-    onnxruntime has it, else CPU)."""
+    onnxruntime has it, else CPU), on as many intra-op threads as torch uses
+    (``torch.get_num_threads()``), so that ``--threads`` sets both runtimes alike."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -232,8 +233,10 @@ def ort_session(path: str | Path, device: str | torch.device = "cpu") -> Any:
         ort.get_available_providers()
     ):
         providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     try:
-        return ort.InferenceSession(str(path), providers=providers)
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable files
         raise DetsegError(f"{path}: not a readable ONNX file ({exc}).") from exc
 

@@ -142,8 +142,29 @@ def test_cli_runtime_onnx_gives_the_torch_records(tmp_path) -> None:
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         runs[runtime] = json.loads(result.stdout)["images"][0]["classes"]
-    assert runs["onnx"].keys() == runs["torch"].keys()
-    for name, fraction in runs["torch"].items():
-        assert abs(runs["onnx"][name] - fraction) <= 1e-3
-    mixed = runner.invoke(app, ["predict", str(image), "--runtime", "onnx", "--model", "unet"])
-    assert mixed.exit_code == 2 and "--onnx" in mixed.stderr
+    # no file: the graph is exported into the cache folder on first use, then reused
+    env = {"DETSEG_CACHE": str(tmp_path / "cache")}
+    for run in ("cached", "again"):
+        result = runner.invoke(
+            app,
+            ["predict", str(image), "--runtime", "onnx", "--model", "unet", "--weights",
+             str(weights), "-o", str(tmp_path / run), "--json"],
+            env=env,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[run] = json.loads(result.stdout)["images"][0]["classes"]
+    for run in ("onnx", "cached", "again"):
+        assert runs[run].keys() == runs["torch"].keys()
+        for name, fraction in runs["torch"].items():
+            assert abs(runs[run][name] - fraction) <= 1e-3
+    assert len(list((tmp_path / "cache" / "onnx").glob("unet-*.onnx"))) == 1
+    for extra, message in (
+        (["--runtime", "torch", "--onnx", str(onnx)], "--onnx FILE runs with --runtime onnx"),
+        (["--runtime", "onnx", "--precision", "bf16"], "--runtime onnx runs the exported graph"),
+        (["--runtime", "tvm"], "--runtime 'tvm': use torch or onnx"),
+    ):
+        bad = runner.invoke(
+            app, ["predict", str(image), "--model", "unet", *extra, "-o", str(tmp_path / "bad")]
+        )
+        assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
