@@ -270,7 +270,9 @@ def onnx_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], folder: str
     h, w = inputs[0].shape[-2:]
     path = Path(folder) / "model.onnx"
     try:
-        summary = export_model(copy.deepcopy(model), path, h, w, check=False)
+        # the exporter traces on the CPU: a model elsewhere is exported from a CPU copy
+        source = model if inputs[0].device.type == "cpu" else copy.deepcopy(model)
+        summary = export_model(source, path, h, w, check=False)
     except NotExportable as exc:
         print(f"  no onnxruntime column: {exc}", flush=True)
         return None
