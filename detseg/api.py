@@ -274,8 +274,10 @@ def _evaluate_matting(
     trimap_dir: str | Path | None,
     convention: str = "gfm",
     device: str = "auto",
+    precision: str = "f32",
 ) -> dict[str, Any]:
-    """Matting metrics of saved alphas (``pred_dir`` vs ``alpha_dir``) or of a model run on ``data``."""
+    """Matting metrics of saved alphas (``pred_dir`` vs ``alpha_dir``) or of a model run on ``data``
+    (``precision`` "f32": the reference path; "bf16": the fast path in bfloat16)."""
     if model is not None:
         if data is None or pred_dir is None:
             raise DetsegError(
@@ -284,7 +286,13 @@ def _evaluate_matting(
         from detseg.matting.gfm_infer import evaluate_matting_model
 
         return evaluate_matting_model(
-            data, pred_dir, model, weights, convention=convention, device=device
+            data,
+            pred_dir,
+            model,
+            weights,
+            convention=convention,
+            device=device,
+            precision=precision,
         )
     if pred_dir is None or alpha_dir is None:
         raise DetsegError("pass --pred PRED_DIR and --alpha GT_DIR (or --model with --data).")
@@ -350,13 +358,15 @@ def matte(
 
     ``bgmv2_*`` models take the clean plate ``bgr``; ``gfm_*`` models are trimap-free;
     ``method="closed-form"|"knn"`` runs the classical pymatting baselines with a ``trimap``.
-    BackgroundMattingV2 runs its fast path unless ``exact`` (``fast_model``).
+    Models run their fast path at ``precision`` unless ``exact`` (``fast_model``).
     """
     _check_video_preset(source, video_preset)
     if method != "model":
         from detseg.matting.gfm_infer import matte_images
 
-        return matte_images(source, out_dir, method=method, trimap=trimap, device=device)
+        return matte_images(
+            source, out_dir, method=method, trimap=trimap, device=device, precision=precision
+        )
     if model is None:
         raise DetsegError("pass --model (e.g. bgmv2_mobilenetv2, gfm_r34) or --method closed-form.")
     if get_entry(model).task != "matting":
@@ -385,7 +395,14 @@ def matte(
     from detseg.matting.gfm_infer import matte_images
 
     return matte_images(
-        source, out_dir, model=model, weights=weights, strategy=strategy, device=device
+        source,
+        out_dir,
+        model=model,
+        weights=weights,
+        strategy=strategy,
+        device=device,
+        exact=exact,
+        precision=precision,
     )
 
 

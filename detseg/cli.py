@@ -295,6 +295,11 @@ def eval_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Score a model on a dataset, or saved predictions against ground truth."""
+    if precision != "f32" and model is None and weights is None:
+        raise DetsegError(
+            f"--precision {precision} runs a model (--model / --weights); saved predictions are "
+            "scored as they are."
+        )
     if task in ("detection", "instance"):
         if data is None:
             raise DetsegError("--data is required (COCO JSON, VIA or YOLO folder).")
@@ -330,6 +335,7 @@ def eval_cmd(
             trimap_dir=trimap,
             convention=convention or "gfm",
             device=device,
+            precision=precision,
         )
         if as_json:
             _emit_json(metrics)

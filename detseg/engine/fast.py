@@ -213,21 +213,32 @@ def accelerate(
     return fast
 
 
-def for_inference(loaded: LoadedModel, exact: bool = False, precision: str = "f32") -> LoadedModel:
-    """``loaded`` with its fast inference copy (``accelerate``), or unchanged with ``exact``.
-
-    What ``detseg predict`` / ``detseg matte`` run: the fast path by default, the reference path
-    with ``--exact`` (float32 only: ``DetsegError`` for ``exact`` with another precision).
-    """
+def fast_or_exact(
+    model: nn.Module, name: str | None, exact: bool = False, precision: str = "f32"
+) -> nn.Module:
+    """``model`` itself with ``exact`` (the reference path, float32 only: ``DetsegError`` for
+    ``exact`` with another precision), else its fast copy at ``precision`` (``accelerate``)."""
     if exact:
         if precision != "f32":
             raise DetsegError(
                 f"--exact runs the float32 reference path; drop --precision {precision} or --exact."
             )
-        return loaded
+        return model
+    return accelerate(model, name, precision)
+
+
+def for_inference(loaded: LoadedModel, exact: bool = False, precision: str = "f32") -> LoadedModel:
+    """``loaded`` with its fast inference copy (``fast_or_exact``), or unchanged with ``exact``.
+
+    What ``detseg predict`` / ``detseg matte`` run: the fast path by default, the reference path
+    with ``--exact``.
+    """
     if loaded.runtime != "torch":  # an exported graph already is its own inference path
+        if exact:
+            fast_or_exact(loaded.model, loaded.name, exact, precision)  # checks the precision
         return loaded
-    return dataclasses.replace(loaded, model=accelerate(loaded.model, loaded.name, precision))
+    model = fast_or_exact(loaded.model, loaded.name, exact, precision)
+    return loaded if model is loaded.model else dataclasses.replace(loaded, model=model)
 
 
 def example_inputs(

@@ -23,6 +23,7 @@ from skimage.transform import resize
 
 from detseg.data.images import list_images, read_image, write_image
 from detseg.engine.device import resolve_device
+from detseg.engine.fast import fast_or_exact
 from detseg.errors import CheckpointError, DetsegError
 from detseg.matting.gfm import GFM
 
@@ -183,6 +184,8 @@ def matte_images(
     strategy: str = "hybrid",
     device: str = "auto",
     cutout: bool = True,
+    exact: bool = False,
+    precision: str = "f32",
 ) -> list[Path]:
     """``detseg matte``: write ``OUT_DIR/<stem>.png`` (8-bit alpha) and, with ``cutout``,
     ``<stem>_rgba.png``.
@@ -192,6 +195,8 @@ def matte_images(
         method: ``"gfm"`` (trimap-free, needs ``weights``) or ``"closed-form"`` / ``"knn"``
             (pymatting, needs ``trimap``: a file for one image, or a folder matched by name).
         strategy: GFM test strategy, ``"hybrid"`` (official) or ``"resize"``.
+        exact, precision: GFM runs its fast path at ``precision`` (``"f32"``, ``"bf16"``) unless
+            ``exact`` (the reference path; ``detseg.engine.fast.fast_or_exact``).
 
     Returns:
         The alpha PNG paths written. The RGBA cut-out holds the photo with the alpha as its
@@ -205,8 +210,14 @@ def matte_images(
         raise DetsegError(f"unknown matting method {method!r}; use gfm, {', '.join(METHODS)}.")
     if method != "gfm" and trimap is None:
         raise DetsegError(f"--method {method} needs --trimap (a trimap PNG or a folder of them).")
+    if method != "gfm" and precision != "f32":
+        raise DetsegError(
+            f"--precision {precision} is for models; --method {method} runs in float64 (pymatting)."
+        )
     paths = list_images(source)
-    net = load_gfm(model, weights, device) if method == "gfm" else None
+    net = None
+    if method == "gfm":
+        net = fast_or_exact(load_gfm(model, weights, device), model, exact, precision)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -243,9 +254,13 @@ def evaluate_matting_model(
     convention: str = "gfm",
     strategy: str = "hybrid",
     device: str = "auto",
+    precision: str = "f32",
 ) -> dict:
     """``detseg eval --task matting --model ... --data DIR``: matte ``DIR/input`` into
     ``pred_dir``, then ``evaluate_folder(pred_dir, DIR/alpha, DIR/<trimap_subdir>)``.
+
+    ``precision`` "f32" scores the reference path (as ``detseg eval`` does for every task), "bf16"
+    the fast path in bfloat16.
 
     The trimap folder is optional for GFM (used for the trimap metrics when present) and
     required for the classical methods. Scores the saved 8-bit PNGs (the official GFM script
@@ -257,6 +272,16 @@ def evaluate_matting_model(
     trimaps = data_dir / trimap_subdir
     trimap_dir = trimaps if trimaps.is_dir() else None
     matte_images(
-        data_dir / "input", pred_dir, model, weights, method, trimap_dir, strategy, device, False
+        data_dir / "input",
+        pred_dir,
+        model,
+        weights,
+        method,
+        trimap_dir,
+        strategy,
+        device,
+        cutout=False,
+        exact=precision == "f32",
+        precision=precision,
     )
     return evaluate_folder(pred_dir, data_dir / "alpha", trimap_dir, convention)

@@ -229,6 +229,8 @@ def test_eval_saved_predictions_and_bad_labels(tmp_path, shapes):
     _assert_user_error(_run(*args), "out of range")
     Image.fromarray(np.zeros((16, 32), np.uint8)).save(preds / "0001.png")
     _assert_user_error(_run(*args), "is 32x16")
+    # a precision only applies where a model runs; saved labels are scored as they are
+    _assert_user_error(_run(*args, "--precision", "bf16"), "--precision bf16 runs a model")
 
 
 def test_label_values_out_of_range_in_training_data(tmp_path, shapes):

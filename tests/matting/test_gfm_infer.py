@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from detseg.errors import DetsegError
+from detseg.matting import gfm_infer
 from detseg.matting.gfm import GFM
 from detseg.matting.gfm_infer import (
     evaluate_matting_model,
@@ -78,3 +80,52 @@ def test_matte_and_eval_entry_points(net: GFM, tmp_path) -> None:
         matte_images(data / "input", tmp_path / "o2")
     with pytest.raises(DetsegError, match="needs --trimap"):
         matte_images(data / "input", tmp_path / "o2", method="closed-form")
+
+
+def test_matte_runs_the_fast_path_unless_exact(net: GFM, tmp_path, monkeypatch) -> None:
+    """``detseg matte --model gfm_*``: fast path (BN folded) by default, the reference with
+    ``exact``, bf16 autocast with ``precision="bf16"``; the three alphas agree."""
+    (tmp_path / "in").mkdir()
+    photo = np.random.default_rng(2).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "in" / "x.png")
+    weights = tmp_path / "gfm_r34_tt.pth"
+    torch.save(net.state_dict(), weights)
+    seen = []
+    infer = gfm_infer.infer_gfm
+
+    def spy(model: nn.Module, image: np.ndarray, strategy: str = "hybrid"):
+        autocast = []
+        hooks = [
+            m.register_forward_pre_hook(
+                lambda *_: autocast.append(torch.is_autocast_enabled("cpu"))
+            )
+            for m in model.modules()
+            if isinstance(m, nn.Conv2d)
+        ]
+        try:
+            return infer(model, image, strategy)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+            seen.append((has_bn, set(autocast)))
+
+    monkeypatch.setattr(gfm_infer, "infer_gfm", spy)
+    alphas = {}
+    for label, options in {
+        "exact": {"exact": True},
+        "fast": {},
+        "bf16": {"precision": "bf16"},
+    }.items():
+        (path,) = matte_images(tmp_path / "in", tmp_path / label, weights=weights, **options)
+        alphas[label] = np.asarray(Image.open(path), dtype=np.int16)
+    assert seen == [(True, {False}), (False, {False}), (False, {True})]
+    assert np.abs(alphas["fast"] - alphas["exact"]).max() <= 1  # 8-bit truncation
+    assert alphas["bf16"].shape == alphas["exact"].shape
+    with pytest.raises(DetsegError, match="--exact runs the float32 reference path"):
+        matte_images(tmp_path / "in", tmp_path / "o", weights=weights, exact=True, precision="bf16")
+    with pytest.raises(DetsegError, match="is for models"):
+        matte_images(
+            tmp_path / "in", tmp_path / "o", method="knn", trimap=weights, precision="bf16"
+        )
+    assert not (tmp_path / "o").exists()
