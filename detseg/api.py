@@ -365,7 +365,13 @@ def matte(
         from detseg.matting.gfm_infer import matte_images
 
         return matte_images(
-            source, out_dir, method=method, trimap=trimap, device=device, precision=precision
+            source,
+            out_dir,
+            method=method,
+            trimap=trimap,
+            device=device,
+            precision=precision,
+            progress=progress,
         )
     if model is None:
         raise DetsegError("pass --model (e.g. bgmv2_mobilenetv2, gfm_r34) or --method closed-form.")
@@ -403,6 +409,7 @@ def matte(
         device=device,
         exact=exact,
         precision=precision,
+        progress=progress,
     )
 
 

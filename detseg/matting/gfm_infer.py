@@ -24,6 +24,8 @@ from skimage.transform import resize
 from detseg.data.images import list_images, read_image, write_image
 from detseg.engine.device import resolve_device
 from detseg.engine.fast import fast_or_exact
+from detseg.engine.prefetch import BackgroundWriter, prefetch
+from detseg.engine.progress import count_progress
 from detseg.errors import CheckpointError, DetsegError
 from detseg.matting.gfm import GFM
 
@@ -186,6 +188,7 @@ def matte_images(
     cutout: bool = True,
     exact: bool = False,
     precision: str = "f32",
+    progress: bool = False,
 ) -> list[Path]:
     """``detseg matte``: write ``OUT_DIR/<stem>.png`` (8-bit alpha) and, with ``cutout``,
     ``<stem>_rgba.png``.
@@ -197,6 +200,8 @@ def matte_images(
         strategy: GFM test strategy, ``"hybrid"`` (official) or ``"resize"``.
         exact, precision: GFM runs its fast path at ``precision`` (``"f32"``, ``"bf16"``) unless
             ``exact`` (the reference path; ``detseg.engine.fast.fast_or_exact``).
+        progress: a bar over the images on stderr. Reading the next photo and writing the
+            last one's PNGs overlap with the current one's matting.
 
     Returns:
         The alpha PNG paths written. The RGBA cut-out holds the photo with the alpha as its
@@ -221,27 +226,29 @@ def matte_images(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in paths:
-        image = read_image(path)
-        if net is not None:
-            alpha = infer_gfm(net, shrink_to_short_side(image), strategy)["alpha"]
-            alpha = _back(alpha, image.shape[:2]) if alpha.shape != image.shape[:2] else alpha
-        else:
-            tri = read_matte(_trimap_for(path, Path(trimap), len(paths) > 1))
-            alpha = classic_matte(image, tri, method)
-        written.append(_write_matte(out_dir, path.stem, image, alpha, cutout))
+    with (
+        count_progress(len(paths), "images", enabled=progress) as advance,
+        BackgroundWriter() as writer,
+    ):
+        for path, image in prefetch((p, read_image(p)) for p in paths):
+            if net is not None:
+                alpha = infer_gfm(net, shrink_to_short_side(image), strategy)["alpha"]
+                alpha = _back(alpha, image.shape[:2]) if alpha.shape != image.shape[:2] else alpha
+            else:
+                tri = read_matte(_trimap_for(path, Path(trimap), len(paths) > 1))
+                alpha = classic_matte(image, tri, method)
+            written.append(out_dir / f"{path.stem}.png")
+            writer.submit(_write_matte, written[-1], image, alpha, cutout)
+            advance()
     return written
 
 
-def _write_matte(
-    out_dir: Path, stem: str, image: np.ndarray, alpha: np.ndarray, cutout: bool
-) -> Path:
+def _write_matte(target: Path, image: np.ndarray, alpha: np.ndarray, cutout: bool) -> None:
+    """``target``: the 8-bit alpha; with ``cutout``, ``<stem>_rgba.png`` beside it."""
     a8 = (np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)  # truncation, as the official code
-    target = out_dir / f"{stem}.png"
     write_image(target, a8)
     if cutout:
-        write_image(out_dir / f"{stem}_rgba.png", np.dstack([image, a8]))
-    return target
+        write_image(target.with_name(f"{target.stem}_rgba.png"), np.dstack([image, a8]))
 
 
 def evaluate_matting_model(
