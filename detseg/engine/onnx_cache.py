@@ -2,9 +2,10 @@
 
 ``detseg predict --runtime onnx`` without ``--onnx FILE`` (and ``onnx_model(loaded)`` here)
 exports the model's graph on first use into the cache folder and runs it with onnxruntime, as
-``--onnx FILE`` would; later runs of the same model, weights and arguments reuse the file. On this
-2-core CPU onnxruntime ran several families 10-50% faster than the torch fast path in float32
-(``python -m bench.run --onnx``, docs/performance.md), so it is the measured choice there.
+``--onnx FILE`` would; later runs of the same model, weights and arguments reuse the file. On the
+2-core CPU of docs/performance.md#onnxruntime (``python -m bench.run --onnx``) onnxruntime ran at
+0.71-1.12x the torch fast path in quiet minutes and lost less than it when another tenant took a
+core; the torch fast path stays the default (it also serves bf16 and BGMv2's tiled refiner).
 
 The file is named by a SHA-256 of everything the graph depends on: the model name, constructor
 arguments, input normalisation, class names, every tensor of the state dict (names, dtypes,
