@@ -22,6 +22,24 @@ def test_roundtrip_keeps_fps_size_and_content(tmp_path) -> None:
     assert np.allclose(means, [0, 120, 240], atol=3)
 
 
+def test_even_sized_rgb_frames_keep_their_colours(tmp_path) -> None:
+    """4:2:0 streams: RGB frames converted to YUV before x264 (BT.601, limited range) come back
+    with their colours: a smooth gradient and flat primaries within a few levels."""
+    yy, xx = np.mgrid[0:64, 0:96]
+    gradient = np.stack([xx * 255 // 96, yy * 255 // 64, (xx + yy) * 255 // 160], -1)
+    frames = [gradient.astype(np.uint8)]
+    frames += [np.full((64, 96, 3), c, np.uint8) for c in ((255, 0, 0), (0, 255, 0), (30, 60, 200))]
+    path = tmp_path / "c.mp4"
+    with VideoWriter(path, 10) as writer:
+        for frame in frames:
+            writer.write(frame)
+    back = list(read_frames(path))
+    assert len(back) == len(frames)
+    for want, got in zip(frames, back, strict=True):
+        diff = np.abs(got.astype(int) - want)
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 6, (diff.mean(), diff.max())
+
+
 def test_presets(tmp_path) -> None:
     path = tmp_path / "fast.mp4"
     with VideoWriter(path, 10, preset="ultrafast") as writer:
