@@ -109,7 +109,8 @@ class VideoWriter:
     speed / size trade-off. "veryfast" is the default because encoding runs beside inference: on
     an HD frame it costs about 20-27 ms of CPU against 34-41 ms for x264's own default
     ("medium"), at a file size within 10% at the same quality (measured here on the bgm_pairs
-    photos); "ultrafast" about halves that again for files about 3x larger. Raises
+    photos, RGB converted by swscale then; ``_frame``'s conversion takes 8-12 ms off); "ultrafast"
+    about halves that again for files about 3x larger. Raises
     ``DetsegError`` for an unknown preset.
     """
 
