@@ -503,17 +503,18 @@ def main() -> None:
         f"{load[0]:.1f}; GEMM peak f32 {peaks['f32_peak']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16_peak']:.0f} GFLOP/s"
     )
-    print(header(args.onnx and not args.layouts))
+    onnx = args.onnx and not args.layouts  # the layout rows compare two torch paths only
+    print(header(onnx))
     if args.layouts:
         rows = layout_rows(names, args.quick, iters, device)
     else:
-        rows = model_rows(names, args.quick, iters, device, args.onnx)
+        rows = model_rows(names, args.quick, iters, device, onnx)
     if args.sliding:
         from bench.sliding_rows import sliding_rows
 
         rows = itertools.chain(rows, sliding_rows(device, args.quick))
     for row in rows:
-        print_row(row, args.onnx)
+        print_row(row, onnx)
         if args.out is not None:
             append_csv(row, args.out.with_suffix(".csv"))
     end_peaks = (gemm_peak(torch.float32, device), gemm_peak(torch.bfloat16, device))

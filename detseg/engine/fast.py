@@ -219,12 +219,17 @@ def fast_or_exact(
     """``model`` itself with ``exact`` (the reference path, float32 only: ``DetsegError`` for
     ``exact`` with another precision), else its fast copy at ``precision`` (``accelerate``)."""
     if exact:
-        if precision != "f32":
-            raise DetsegError(
-                f"--exact runs the float32 reference path; drop --precision {precision} or --exact."
-            )
+        _check_exact(precision)
         return model
     return accelerate(model, name, precision)
+
+
+def _check_exact(precision: str) -> None:
+    """``--exact`` is the float32 reference path: ``DetsegError`` for any other precision."""
+    if precision != "f32":
+        raise DetsegError(
+            f"--exact runs the float32 reference path; drop --precision {precision} or --exact."
+        )
 
 
 def for_inference(loaded: LoadedModel, exact: bool = False, precision: str = "f32") -> LoadedModel:
@@ -235,7 +240,7 @@ def for_inference(loaded: LoadedModel, exact: bool = False, precision: str = "f3
     """
     if loaded.runtime != "torch":  # an exported graph already is its own inference path
         if exact:
-            fast_or_exact(loaded.model, loaded.name, exact, precision)  # checks the precision
+            _check_exact(precision)
         return loaded
     model = fast_or_exact(loaded.model, loaded.name, exact, precision)
     return loaded if model is loaded.model else dataclasses.replace(loaded, model=model)
