@@ -30,6 +30,7 @@ from detseg.checkpoint import load_state_dict_strict, read_state_dict
 from detseg.data.preprocess import Preprocess
 from detseg.errors import CheckpointError, DetsegError
 from detseg.registry import OfficialFormat, register_model
+from detseg.semantic.heads import resize_output
 
 BN_EPS = 1e-3
 # decoder_skip variant -> channels it adds to the input of the last decoder conv
@@ -209,8 +210,7 @@ class ESPNetC(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) float -> (N, C, H, W) logits (no softmax)."""
-        logits = self.encode(x)["logits"].contiguous()  # from NCHW, as heads.resize_output
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return resize_output(self.encode(x)["logits"], x)
 
 
 class ESPNet(nn.Module):

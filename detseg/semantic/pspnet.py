@@ -17,7 +17,7 @@ from detseg.backbones import build_backbone
 from detseg.ops.adaptive_pool import AdaptiveAvgPool2d
 from detseg.registry import register_model
 from detseg.semantic.dilation import set_rates
-from detseg.semantic.heads import conv_bn_relu
+from detseg.semantic.heads import conv_bn_relu, resize_output
 
 
 def _kaiming(module: nn.Module) -> nn.Module:
@@ -124,8 +124,7 @@ class PSPNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         size = x.shape[-2:]
         feats = self.backbone(x)
-        # from NCHW, as heads.resize_output: the class scores' final resize
-        out = _upsample(self.cls(self.ppm(feats["layer4"])).contiguous(), size, self.align_corners)
+        out = resize_output(self.cls(self.ppm(feats["layer4"])), size, self.align_corners)
         if not self.training or self.aux is None:
             return out
         return {"out": out, "aux": _upsample(self.aux(feats["layer3"]), size, self.align_corners)}
