@@ -162,6 +162,16 @@ def test_bilinear_upsampler_equals_interpolate_in_the_interior():
     assert bilinear_kernel(3)[1, 1] == 1.0
 
 
+def test_bilinear_upsampler_runs_in_float32_under_bf16_autocast():
+    # oneDNN's bfloat16 depthwise transposed convolution is the slow one: autocast must not reach it
+    x = torch.randn(1, 4, 5, 7).contiguous(memory_format=torch.channels_last)
+    up = BilinearUpsample(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = up(x.bfloat16())
+    assert out.dtype == torch.float32
+    assert torch.equal(out, up(x.bfloat16().float()))
+
+
 def test_fcn_vgg_imagenet_fc_layers_become_exact_convolutions(tmp_path):
     with torch.device("meta"):
         ref = torchvision.models.vgg16(weights=None).eval()
