@@ -48,7 +48,7 @@ def predict_image(
     batch[0, :, :h, :w] = x
     param = next(model.parameters())
     model.eval()
-    outputs = model(batch.to(param.device, param.dtype))
+    outputs = model(batch.to(param.device))  # float32 whatever the weights' dtype
     return model.postprocess(outputs, [(h, w)], [(h0, w0)])[0]
 
 
