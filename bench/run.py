@@ -349,11 +349,15 @@ def layout_rows(names: list[str], quick: bool, iters: int, device: torch.device)
         if quick:
             h, w = h // 2, w // 2
         torch.manual_seed(0)
-        model = accelerate(get_entry(name).build().to(device), plan=FastPlan())
+        model = get_entry(name).build().to(device).eval()
         inputs = example_inputs(model, 1, h, w)
-        yield measure(
-            f"{name} NCHW->NHWC", f"{w}x{h}", model, inputs, iters, device, FastPlan(True)
-        )
+        nets = {
+            "ref": accelerate(model, name, "f32", FastPlan(channels_last=False)),
+            "fast": accelerate(model, name, "f32", FastPlan(channels_last=True)),
+            "bf16": accelerate(model, name, reduced_precision(device), FastPlan(True)),
+        }
+        paths = {key: functools.partial(net, *inputs) for key, net in nets.items()}
+        yield compare(f"{name} NCHW->NHWC", f"{w}x{h}", paths, iters, device)
 
 
 def print_row(row: Row, onnx: bool = False) -> None:

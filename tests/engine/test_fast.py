@@ -254,6 +254,8 @@ def test_precision_errors() -> None:
     fast = for_inference(loaded)
     assert fast.model is not loaded.model and type(fast.model) is type(loaded.model)
     _assert_same(loaded.model, fast.model, (torch.rand(1, 3, 30, 40),), 1e-4)
+    with pytest.raises(DetsegError, match="not a fast copy"):
+        accelerate(fast.model)  # its copy would still run fast.model's own forward
 
 
 def test_keep_freed_memory_applies_once_on_glibc() -> None:
