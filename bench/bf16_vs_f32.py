@@ -19,22 +19,17 @@ from collections import defaultdict
 import torch
 from torch.profiler import profile
 
-from bench.run import BGMV2_SIZES, SKIP, natural_size
+from bench.run import SKIP, bgmv2_model, natural_size
 from detseg.engine.fast import accelerate, example_inputs
 from detseg.registry import get_entry, list_models
 
 
 def _build(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    torch.manual_seed(0)
-    entry = get_entry(name)
     if name.startswith("bgmv2_") and not name.startswith("bgmv2_base_"):
-        h, w, scale, pixels = BGMV2_SIZES["HD"]
-        model = entry.build(
-            backbone_scale=scale, refine_sample_pixels=pixels, refine_prevent_oversampling=False
-        )
+        model, (h, w) = bgmv2_model(name, "HD")
     else:
-        h, w = natural_size(name)
-        model = entry.build()
+        torch.manual_seed(0)
+        model, (h, w) = get_entry(name).build(), natural_size(name)
     model = model.eval()
     return model, example_inputs(model, 1, h, w)
 

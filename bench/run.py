@@ -310,6 +310,19 @@ def measure(
     return compare(label, size, paths, iters, device)
 
 
+def bgmv2_model(name: str, label: str) -> tuple[nn.Module, tuple[int, int]]:
+    """BackgroundMattingV2 ``name`` (seed 0) at the ``BGMV2_SIZES[label]`` setting, and the frame
+    size (h, w). The oversampling guard is off, as in the authors' inference_speed_test.py: random
+    weights clamp the error map to exactly 0 nearly everywhere, and the guard would then refine a
+    handful of cells instead of the setting's pixels // 16."""
+    h, w, scale, pixels = BGMV2_SIZES[label]
+    torch.manual_seed(0)
+    model = get_entry(name).build(
+        backbone_scale=scale, refine_sample_pixels=pixels, refine_prevent_oversampling=False
+    )
+    return model, (h, w)
+
+
 def model_rows(
     names: list[str], quick: bool, iters: int, device: torch.device, onnx: bool = False
 ) -> Iterator[Row]:
@@ -319,17 +332,9 @@ def model_rows(
             continue
         entry = get_entry(name)
         if name.startswith("bgmv2_") and not name.startswith("bgmv2_base_"):
-            sizes = list(BGMV2_SIZES.items())[:1] if quick else list(BGMV2_SIZES.items())
-            for label, (h, w, scale, pixels) in sizes:
-                torch.manual_seed(0)
-                # the oversampling guard off, as the authors' inference_speed_test.py: random
-                # weights clamp the error map to exactly 0 nearly everywhere, and the guard would
-                # then refine a handful of cells instead of the pixels // 16 of the setting
-                model = entry.build(
-                    backbone_scale=scale,
-                    refine_sample_pixels=pixels,
-                    refine_prevent_oversampling=False,
-                )
+            sizes = list(BGMV2_SIZES)[:1] if quick else list(BGMV2_SIZES)
+            for label in sizes:
+                model, (h, w) = bgmv2_model(name, label)
                 inputs = example_inputs(model.to(device), 1, h, w)
                 yield measure(name, label, model, inputs, iters, device, name=name, onnx=onnx)
             continue

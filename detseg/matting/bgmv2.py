@@ -428,10 +428,7 @@ class Refiner(nn.Module):
         # bfloat16 resize, foreground add and final cast of the 4K maps had cost more than the
         # refiner's convolutions gained (4K bf16 196-222 ms against 192-203 in float32; 146-164
         # with float32 maps)
-        pha_out, fgr_out = (
-            _resize(t.to(torch.float32, memory_format=torch.contiguous_format), (h, w))
-            for t in (pha, fgr)
-        )
+        pha_out, fgr_out = (_resize(t.float().contiguous(), (h, w)) for t in (pha, fgr))
         cells = torch.nonzero(ref.squeeze(1))  # (P, 3) rows (b, i, j)
         t = self._tile_size(cells, ref.shape[-2:])
         tiles, cells, first = group_tiles(cells, ref.shape[-2:], t)

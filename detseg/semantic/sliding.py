@@ -219,7 +219,8 @@ def sliding_window_predict(
                     progress(done, total)
             stop = ys[i + 1] if i + 1 < len(ys) else height  # rows above stop are final
             _decide_rows(band, row_count[y:stop], col_count, labels[y:stop], scores[y:stop])
-            _shift_up(band, stop - y)
+            if i + 1 < len(ys):  # after the last row the band is done with
+                _shift_up(band, stop - y)
     return SemanticResult(labels=labels, scores=scores, class_names=class_names)
 
 
@@ -247,10 +248,9 @@ def _shift_up(band: torch.Tensor, rows: int) -> None:
     """In place: drop the first ``rows`` rows of ``band`` (C, h, W), move the rest up and zero
     the freed rows at the bottom (no new band: a 4000-wide one is 164 MB)."""
     keep = band.shape[1] - rows
-    if keep > 0:
-        tail = band[:, rows:]
-        band[:, :keep] = tail if rows >= keep else tail.clone()  # clone where they overlap
-    band[:, max(keep, 0) :].zero_()
+    tail = band[:, rows:]
+    band[:, :keep] = tail if rows >= keep else tail.clone()  # clone where they overlap
+    band[:, keep:].zero_()
 
 
 def predict_semantic(
